@@ -1,0 +1,62 @@
+# modulus.kmods: developer entry points. `make demo` and `make test` are the two a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+COLLROOT := $(CURDIR)/build/collections
+COLL := $(COLLROOT)/ansible_collections/modulus/kmods
+SANITY_ROOT ?= $(CURDIR)/build/sanity
+SANITY := $(SANITY_ROOT)/ansible_collections/modulus/kmods
+SANITY_ARGS ?=
+PYTEST_ARGS ?=
+
+export PATH := $(BIN):$(PATH)
+export PYTHONPATH := $(COLLROOT):$(CURDIR)/tests
+export ANSIBLE_COLLECTIONS_PATH := $(COLLROOT)
+export ANSIBLE_COLLECTIONS_SCAN_SYS_PATH := false
+
+.PHONY: deps system-deps collection sanity units integration lint test demo clean bench
+
+deps: system-deps $(VENV)/.installed collection
+
+system-deps:
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/install-system-deps.sh; else sudo bash scripts/install-system-deps.sh; fi
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+collection:
+	@mkdir -p $(COLLROOT)/ansible_collections/modulus
+	@ln -sfn $(CURDIR) $(COLL)
+
+sanity: $(VENV)/.installed
+	rm -rf $(SANITY_ROOT) && mkdir -p $(SANITY)
+	git ls-files -z --cached --others --exclude-standard | \
+	  grep -zv -E '^(tests/sim|tests/integration|tests/unit|benchmarks|scripts|\.ci)/' | \
+	  xargs -0 -I{} cp --parents -P {} $(SANITY)/ 2>/dev/null || true
+	cd $(SANITY) && $(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no $(SANITY_ARGS)
+
+units: $(VENV)/.installed collection
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: $(VENV)/.installed collection
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed collection
+	$(BIN)/ruff check plugins tests benchmarks
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint --profile production
+
+test: lint sanity units integration
+
+demo: deps
+	$(BIN)/python -m sim.demo
+
+bench: deps
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf build tests/output .pytest_cache
