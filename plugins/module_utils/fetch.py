@@ -1,0 +1,636 @@
+# Copyright: (c) 2026, modulus contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Streaming, single-pass download of a signed, bzip2-compressed disk image.
+
+Every chunk of the compressed body goes, as it arrives, to ``gpg --verify SIG -`` and to a
+decompressor (``lbzip2 -d`` when present so several cores work, else Python's bz2) whose output
+is written sparse to a temporary file beside the destination. The file is renamed into place only
+when gpg reports a good signature by the expected key, decompression ended cleanly and the GPT
+has its ROOT partition. Transient network errors restart the stream (bounded retries)."""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import queue
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from typing import Optional
+
+from ansible_collections.modulus.kmods.plugins.module_utils.common import (
+    LogFn,
+    fsync_dir,
+    human_bytes,
+    no_log,
+    which,
+)
+from ansible_collections.modulus.kmods.plugins.module_utils.gpt import GptError, root_partition
+from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring
+
+CHUNK = 1 << 20
+SPARSE_BLOCK = 4096
+MAX_SIG_BYTES = 1 << 20
+TEMPLATE_FIELDS = ("channel", "board", "version", "arch", "group")
+PARTIAL_PREFIX = ".partial-"
+F_SETPIPE_SZ = 1031
+USER_AGENT = "modulus.kmods-coreos_devcontainer"
+
+
+class FetchError(RuntimeError):
+    """The download failed for good (nothing was cached)."""
+
+
+class NotFound(FetchError):
+    """The server answered 404/410 (or the file:// path does not exist)."""
+
+
+class TransientError(FetchError):
+    """Worth retrying: connection reset/refused, short read, timeout, 5xx."""
+
+
+class SignatureError(FetchError):
+    """The signature did not verify: never retried, nothing cached."""
+
+
+# --------------------------------------------------------------------------------------------
+# URLs
+
+
+def render_template(option: str, template: str, fields: dict[str, str]) -> str:
+    """Fill {channel} {board} {version} {arch} {group} in a base URL template; name the option on error."""
+    try:
+        url = template.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError("{}={!r} uses an unknown or malformed placeholder ({}); known: {}".format(option, template, exc, ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS))) from exc
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise ValueError(f"{option}={template!r} gives {url!r}: only https://, http:// and file:// URLs are supported")
+    return url.rstrip("/")
+
+
+def join_url(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + urllib.parse.quote(name)
+
+
+@dataclass
+class Candidate:
+    option: str
+    base: str
+
+    def url(self, name: str) -> str:
+        return join_url(self.base, name)
+
+
+def candidate_bases(url_template: str, mirrors: list[str], fallback_url_template: Optional[str],
+                    fields: dict[str, str]) -> list[Candidate]:
+    """Where to look, in order: the main template, each mirror, then the fallback (used on 404)."""
+    out = [Candidate("url_template", render_template("url_template", url_template, fields))]
+    for index, mirror in enumerate(mirrors or []):
+        out.append(Candidate(f"mirrors[{index}]", render_template(f"mirrors[{index}]", mirror, fields)))
+    if fallback_url_template:
+        out.append(Candidate("fallback_url_template",
+                             render_template("fallback_url_template", fallback_url_template, fields)))
+    seen = set()
+    unique = []
+    for cand in out:
+        if cand.base not in seen:
+            seen.add(cand.base)
+            unique.append(cand)
+    return unique
+
+
+# --------------------------------------------------------------------------------------------
+# opening URLs
+
+
+class Response:
+    """A readable body with its length (None when unknown)."""
+
+    def __init__(self, handle, length: Optional[int], url: str) -> None:
+        self.handle = handle
+        self.length = length
+        self.url = url
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.handle.read(size)
+        except (socket.timeout, TimeoutError) as exc:
+            raise TransientError(f"timed out reading {self.url}") from exc
+        except (ConnectionError, HTTPException, OSError) as exc:
+            raise TransientError(f"connection error reading {self.url}: {exc}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail any way
+            self.handle.close()
+
+
+def open_url(url: str, timeout: float, validate_certs: bool = True) -> Response:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        path = urllib.request.url2pathname(parsed.path)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by Response.close()
+        except FileNotFoundError as exc:
+            raise NotFound(f"{url} does not exist") from exc
+        except OSError as exc:
+            raise FetchError(f"cannot open {url}: {exc}") from exc
+        return Response(handle, os.fstat(handle.fileno()).st_size, url)
+    context = None
+    if parsed.scheme == "https":
+        context = ssl.create_default_context()
+        if not validate_certs:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    try:
+        handle = urllib.request.urlopen(request, timeout=timeout, context=context)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in (404, 410):
+            raise NotFound(f"{url}: HTTP {exc.code}") from exc
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise TransientError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise FetchError(f"{url}: TLS certificate verification failed: {exc.reason} (validate_certs)") from exc
+        raise TransientError(f"{url}: {exc.reason}") from exc
+    except (socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError) as exc:
+        raise TransientError(f"{url}: {exc}") from exc
+    length = handle.headers.get("Content-Length")
+    try:
+        size = int(length) if length is not None else None
+    except ValueError:
+        size = None
+    return Response(handle, size, url)
+
+
+def with_retries(action, what: str, retries: int, retry_delay: float, log: LogFn):
+    """Run ``action()``; on TransientError retry up to ``retries`` times with a growing delay."""
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except TransientError as exc:
+            if attempt >= retries:
+                raise TransientError(f"{what} failed after {attempt + 1} attempt(s): {exc}") from exc
+            delay = min(retry_delay * (2 ** attempt), 30.0)
+            attempt += 1
+            log(f"{what}: {exc}; retry {attempt}/{retries} in {delay:.1f} s")
+            time.sleep(delay)
+
+
+def fetch_small(url: str, timeout: float, validate_certs: bool = True, limit: int = MAX_SIG_BYTES) -> bytes:
+    resp = open_url(url, timeout, validate_certs)
+    try:
+        if resp.length is not None and resp.length > limit:
+            raise FetchError(f"{url} is {resp.length} bytes, more than the {limit} a signature may have")
+        data = b""
+        while True:
+            block = resp.read(65536)
+            if not block:
+                break
+            data += block
+            if len(data) > limit:
+                raise FetchError(f"{url} is larger than the {limit} bytes a signature may have")
+        if resp.length is not None and len(data) != resp.length:
+            raise TransientError(f"short read on {url}: {len(data)} of {resp.length} bytes")
+        return data
+    finally:
+        resp.close()
+
+
+# --------------------------------------------------------------------------------------------
+# sparse writing and decompression
+
+
+class SparseWriter:
+    """Write a stream to a file descriptor, seeking over all-zero blocks; finish() sets the size."""
+
+    def __init__(self, fd: int, block: int = SPARSE_BLOCK) -> None:
+        self.fd = fd
+        self.block = block
+        self.pos = 0
+        self.written = 0
+        self._zero_block = bytes(block)
+        self._zero_chunk = b""
+
+    def write(self, data: bytes) -> None:
+        size = len(data)
+        if not size:
+            return
+        if len(self._zero_chunk) != size:
+            self._zero_chunk = bytes(size)
+        if data == self._zero_chunk:
+            self.pos += size
+            return
+        view = memoryview(data)
+        block = self.block
+        zero = self._zero_block
+        start = None  # start of a run of non-zero blocks
+        offset = 0
+        while offset < size:
+            end = min(offset + block, size)
+            piece = data[offset:end]
+            is_zero = piece == zero if end - offset == block else not piece.strip(b"\0")
+            if is_zero:
+                if start is not None:
+                    self._pwrite(view[start:offset], self.pos + start)
+                    start = None
+            elif start is None:
+                start = offset
+            offset = end
+        if start is not None:
+            self._pwrite(view[start:size], self.pos + start)
+        self.pos += size
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        while len(view):
+            done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+            self.written += done
+
+    def finish(self) -> None:
+        os.ftruncate(self.fd, self.pos)
+
+
+class DecompressError(FetchError):
+    """The compressed stream is corrupt or was cut short."""
+
+
+class _Decompressor:
+    name = "?"
+
+    def feed(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def finish(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class LbzipDecompressor(_Decompressor):
+    """``lbzip2 -d`` (all cores) in a subprocess; a thread drains its output into the writer."""
+
+    name = "lbzip2"
+
+    def __init__(self, writer: SparseWriter, binary: str) -> None:
+        self.writer = writer
+        self.error: Optional[BaseException] = None
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish()/abort()
+        self.proc = subprocess.Popen([binary, "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, bufsize=0)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, CHUNK)
+        self.thread = threading.Thread(target=self._drain, name="modulus-decompress-writer", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        fd = self.proc.stdout.fileno()
+        try:
+            while True:
+                data = os.read(fd, CHUNK)
+                if not data:
+                    break
+                self.writer.write(data)
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.proc.stdin.write(chunk)
+        except (BrokenPipeError, ValueError) as exc:
+            raise self._failure("lbzip2 stopped reading its input") from exc
+
+    def _failure(self, what: str) -> BaseException:
+        if self.error is not None:
+            if isinstance(self.error, OSError) and self.error.errno == errno.ENOSPC:
+                return FetchError(f"no space left writing the image: {self.error}")
+            return FetchError(f"writing the decompressed image failed: {self.error}")
+        self.stderr.seek(0)
+        text = self.stderr.read().decode("utf-8", "replace").strip()
+        return DecompressError("{}: {}".format(what, text or "no message"))
+
+    def finish(self, timeout: float) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.abort()
+            raise DecompressError(f"lbzip2 did not finish within {timeout:.0f} s") from exc
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise DecompressError("the image writer did not finish")
+        if rc != 0 or self.error is not None:
+            raise self._failure(f"lbzip2 -d failed (rc={rc})")
+        self.proc.stdout.close()
+        self.stderr.close()
+
+    def abort(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        self.proc.wait()
+        self.thread.join(30)
+        self.stderr.close()
+
+
+class PyBz2Decompressor(_Decompressor):
+    """Python's bz2 (one core) in a thread, multi-stream aware, fed through a bounded queue."""
+
+    name = "python-bz2"
+    OUT_LIMIT = 4 << 20
+
+    def __init__(self, writer: SparseWriter) -> None:
+        self.writer = writer
+        self.error: Optional[BaseException] = None
+        self.queue: queue.Queue = queue.Queue(maxsize=16)
+        self.dec = bz2.BZ2Decompressor()
+        self.in_stream = False  # bytes of a stream consumed, its end-of-stream marker not yet seen
+        self.streams = 0
+        self.thread = threading.Thread(target=self._run, name="modulus-bz2", daemon=True)
+        self.thread.start()
+
+    def _decompress(self, data: bytes) -> None:
+        while True:
+            if data:
+                self.in_stream = True
+            out = self.dec.decompress(data, self.OUT_LIMIT)
+            data = b""
+            if out:
+                self.writer.write(out)
+            if self.dec.eof is True:
+                rest = self.dec.unused_data
+                self.dec = bz2.BZ2Decompressor()
+                self.in_stream = False
+                self.streams += 1
+                if not rest:
+                    return
+                data = rest
+                continue
+            if self.dec.needs_input is True:
+                return
+
+    def _run(self) -> None:
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._decompress(chunk)
+            except BaseException as exc:  # noqa: BLE001 - reported by feed()/finish()
+                self.error = exc
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise DecompressError(f"bz2 decompression failed: {self.error}")
+        self.queue.put(chunk)
+
+    def finish(self, timeout: float) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise DecompressError(f"bz2 decompression did not finish within {timeout:.0f} s")
+        if self.error is not None:
+            if isinstance(self.error, OSError) and self.error.errno == errno.ENOSPC:
+                raise FetchError(f"no space left writing the image: {self.error}")
+            raise DecompressError(f"bz2 decompression failed: {self.error}")
+        if self.in_stream or not self.streams:
+            raise DecompressError("the bzip2 stream ended before its end-of-stream marker (truncated)")
+
+    def abort(self) -> None:
+        self.error = self.error or DecompressError("aborted")
+        while True:
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.queue.get_nowait()
+        self.thread.join(30)
+
+
+def make_decompressor(writer: SparseWriter, which_one: str = "auto") -> _Decompressor:
+    if which_one not in ("auto", "lbzip2", "python"):
+        raise ValueError(f"decompressor={which_one!r} is not one of auto, lbzip2, python")
+    if which_one in ("auto", "lbzip2"):
+        binary = which("lbzip2")
+        if binary:
+            return LbzipDecompressor(writer, binary)
+        if which_one == "lbzip2":
+            raise FetchError("decompressor=lbzip2 but lbzip2 is not installed")
+    return PyBz2Decompressor(writer)
+
+
+# --------------------------------------------------------------------------------------------
+# the single pass
+
+
+@dataclass
+class FetchResult:
+    url: str
+    sig_url: str
+    source: str
+    compressed_size: int
+    compressed_sha256: str
+    image_size: int
+    disk_used: int
+    duration: float
+    signing_fingerprint: Optional[str]
+    primary_fingerprint: Optional[str]
+    attempts: int
+    decompressor: str
+    tried: list[str] = field(default_factory=list)
+
+
+def check_free_space(directory: str, needed: int) -> int:
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise FetchError(f"not enough free space in {directory}: {human_bytes(free)} available, {human_bytes(needed)} needed (raise min_free_space only if "
+                         "you know the image is smaller)")
+    return free
+
+
+def remove_stale_partials(directory: str, name: str) -> None:
+    """Temporary files of an interrupted earlier run (the caller holds the per-image lock)."""
+    try:
+        for entry in os.listdir(directory):
+            if entry.startswith(PARTIAL_PREFIX + name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+    except FileNotFoundError:
+        pass
+
+
+class _Progress:
+    def __init__(self, log: LogFn, label: str, total: Optional[int], interval: float) -> None:
+        self.log = log
+        self.label = label
+        self.total = total
+        self.interval = interval
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def update(self, done: int, writer: SparseWriter, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        pct = " %5.1f%%" % (100.0 * done / self.total) if self.total else ""
+        of = f" of {human_bytes(self.total)}" if self.total else ""
+        self.log(f"{self.label}:{pct} {human_bytes(done)}{of} at {human_bytes(rate)}/s, image {human_bytes(writer.pos)} ({human_bytes(writer.written)} on disk)")
+
+
+def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, timeout: float, validate_certs: bool,
+                 min_free_space: int, space_factor: float, decompressor: str, progress_interval: float,
+                 log: LogFn, root_label: str) -> tuple[Response, int, str, str, SparseWriter, object]:
+    """One attempt: returns (response, compressed bytes, sha256, decompressor name, writer, verify result)."""
+    directory = os.path.dirname(dest)
+    resp = open_url(image_url, timeout, validate_certs)
+    fd = -1
+    tmp = None
+    verifier = None
+    dec = None
+    try:
+        needed = max(min_free_space, int((resp.length or 0) * space_factor))
+        check_free_space(directory, needed)
+        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + os.path.basename(dest) + ".", dir=directory)
+        writer = SparseWriter(fd)
+        verifier = keyring.verifier(sig_path)
+        dec = make_decompressor(writer, decompressor)
+        digest = hashlib.sha256()
+        progress = _Progress(log, f"download {image_url}", resp.length, progress_interval)
+        done = 0
+        while True:
+            chunk = resp.read(CHUNK)
+            if not chunk:
+                break
+            done += len(chunk)
+            verifier.feed(chunk)
+            dec.feed(chunk)
+            digest.update(chunk)
+            progress.update(done, writer)
+        if resp.length is not None and done != resp.length:
+            raise TransientError(f"short read on {image_url}: {done} of {resp.length} bytes")
+        if done == 0:
+            raise TransientError(f"empty body from {image_url}")
+        verdict = verifier.finish()
+        verifier = None
+        if not verdict.good:
+            raise SignatureError("signature check of {} FAILED: {}{}".format(
+                image_url, verdict.reason, (f" (gpg: {verdict.stderr.splitlines()[-1]})") if verdict.stderr else ""))
+        dec.finish(timeout=max(timeout, 600.0))
+        name = dec.name
+        dec = None
+        writer.finish()
+        os.fsync(fd)
+        progress.update(done, writer, force=True)
+        try:
+            root_partition(tmp, root_label)
+        except GptError as exc:
+            raise FetchError(f"{image_url} is signed but its content is not a developer container: {exc}") from exc
+        os.chmod(tmp, 0o644)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, dest)
+        tmp = None
+        fsync_dir(directory)
+        return resp, done, digest.hexdigest(), name, writer, verdict
+    finally:
+        if verifier is not None:
+            verifier.abort()
+        if dec is not None:
+            dec.abort()
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        resp.close()
+
+
+class _Attempt:
+    """One call = one streaming attempt (counted), for with_retries()."""
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+        self.count = 0
+
+    def __call__(self) -> tuple:
+        self.count += 1
+        return _stream_once(*self.args)  # type: ignore[arg-type]
+
+
+def fetch_image(candidates: list[Candidate], image_name: str, dest: str, keyring: Keyring, timeout: float = 60.0,
+                retries: int = 3, retry_delay: float = 2.0, validate_certs: bool = True,
+                min_free_space: int = 0, space_factor: float = 4.0, decompressor: str = "auto",
+                progress_interval: float = 5.0, log: LogFn = no_log, root_label: str = "ROOT") -> FetchResult:
+    """Download ``image_name`` (+ ``.sig``) from the first candidate that has it into ``dest``.
+
+    404 on the signature or the image moves on to the next candidate; transient errors restart the
+    stream up to ``retries`` times; a bad signature stops at once. Nothing is left at ``dest`` (nor
+    any temporary file) unless everything verified.
+    """
+    directory = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_partials(directory, os.path.basename(dest))
+    started = time.monotonic()
+    tried: list[str] = []
+    for cand in candidates:
+        sig_url = cand.url(image_name + ".sig")
+        image_url = cand.url(image_name)
+        try:
+            sig = with_retries(lambda u=sig_url: fetch_small(u, timeout, validate_certs), f"fetch {sig_url}",
+                               retries, retry_delay, log)
+        except NotFound as exc:
+            tried.append(f"{sig_url} ({exc})")
+            log(f"not found: {sig_url}; trying the next location")
+            continue
+        sig_path = os.path.join(keyring.home or directory, "image.sig")
+        with open(sig_path, "wb") as handle:
+            handle.write(sig)
+        problem = keyring.precheck(sig_path)
+        if problem:
+            raise SignatureError(f"signature check of {image_url} FAILED before downloading: {problem} ({sig_url})")
+        attempt = _Attempt(image_url, sig_path, dest, keyring, timeout, validate_certs, min_free_space, space_factor,
+                           decompressor, progress_interval, log, root_label)
+        try:
+            resp, size, sha, name, writer, verdict = with_retries(attempt, f"download {image_url}", retries,
+                                                                  retry_delay, log)
+        except NotFound as exc:
+            tried.append(f"{image_url} ({exc})")
+            log(f"not found: {image_url}; trying the next location")
+            continue
+        st = os.stat(dest)
+        log(f"verified {image_url} ({human_bytes(size)}, good signature by {verdict.primary_fingerprint}) -> {dest}")
+        return FetchResult(url=image_url, sig_url=sig_url, source=cand.option, compressed_size=size,
+                           compressed_sha256=sha, image_size=st.st_size, disk_used=st.st_blocks * 512,
+                           duration=time.monotonic() - started, signing_fingerprint=verdict.signing_fingerprint,
+                           primary_fingerprint=verdict.primary_fingerprint, attempts=attempt.count, decompressor=name,
+                           tried=tried)
+    raise NotFound("{} was found at none of: {}".format(image_name, "; ".join(tried)))

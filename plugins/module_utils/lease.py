@@ -1,0 +1,117 @@
+# Copyright: (c) 2026, modulus contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""kmod_archive fleet lock: a lease object in the store.
+
+Acquire: create the lease only if absent (S3 ``If-None-Match: *``, file ``link()``); the
+lease holds its owner and an expiry time. A lease whose expiry has passed is taken over with a
+compare-and-swap on its ETag (S3 ``If-Match``), so two hosts cannot both take over the same
+stale lease. The same owner acquiring again renews its lease (re-entrant). Release deletes
+the lease only if it is still ours and unchanged (``If-Match``). While waiting, the caller's
+``done`` callback (for kmod_archive: "does the archive exist now?") ends the wait early."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from ansible_collections.modulus.kmods.plugins.module_utils.stores import Store, StoreError
+
+
+class LeaseResult:
+    def __init__(self, acquired: bool, holder: Optional[dict[str, Any]], waited: float,
+                 took_over: bool = False, renewed: bool = False, done: bool = False) -> None:
+        self.acquired = acquired
+        self.holder = holder
+        self.waited = waited
+        self.took_over = took_over
+        self.renewed = renewed
+        self.done = done
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"acquired": self.acquired, "holder": self.holder, "waited": round(self.waited, 3),
+                "took_over": self.took_over, "renewed": self.renewed}
+
+
+def default_owner() -> str:
+    return socket.getfqdn() or socket.gethostname()
+
+
+def lease_body(owner: str, ttl: float, now: float) -> bytes:
+    body = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+            "acquired": int(now), "expires": int(now + ttl)}
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def parse_lease(data: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {"owner": None, "expires": 0, "corrupt": True}
+    if not isinstance(body, dict):
+        return {"owner": None, "expires": 0, "corrupt": True}
+    return body
+
+
+def acquire(store: Store, key: str, owner: str, ttl: float, wait: float, poll: float = 5.0,
+            done: Optional[Callable[[], bool]] = None, clock: Callable[[], float] = time.time,
+            sleep: Callable[[float], None] = time.sleep) -> LeaseResult:
+    """Try to hold the lease ``key`` for ``ttl`` seconds, waiting at most ``wait`` seconds.
+
+    Returns acquired=False with the current holder when the wait ran out, or done=True when
+    ``done()`` became true while waiting (the holder finished: nothing left to do)."""
+    if not store.supports_lock:
+        raise StoreError(f"store {store.url} cannot hold a lock (read-only)")
+    start = clock()
+    holder: Optional[dict[str, Any]] = None
+    while True:
+        now = clock()
+        if store.create_exclusive(key, lease_body(owner, ttl, now)):
+            return LeaseResult(True, None, now - start)
+        current = store.read_small(key)
+        if current is None:
+            continue  # released between our create and our read: try again at once
+        data, etag = current
+        holder = parse_lease(data)
+        if holder.get("owner") == owner:
+            if store.replace_if_match(key, lease_body(owner, ttl, now), etag):
+                return LeaseResult(True, holder, now - start, renewed=True)
+            continue
+        if float(holder.get("expires", 0)) < now:
+            if store.replace_if_match(key, lease_body(owner, ttl, now), etag):
+                return LeaseResult(True, holder, now - start, took_over=True)
+            continue  # somebody else changed it first: look again
+        if done is not None and done():
+            return LeaseResult(False, holder, clock() - start, done=True)
+        remaining = wait - (clock() - start)
+        if remaining <= 0:
+            return LeaseResult(False, holder, clock() - start)
+        sleep(min(poll, remaining))
+
+
+def release(store: Store, key: str, owner: str) -> dict[str, Any]:
+    """Delete the lease if we hold it. Returns {"released": bool, "holder": ...}."""
+    if not store.supports_lock:
+        raise StoreError(f"store {store.url} cannot hold a lock (read-only)")
+    for _attempt in range(5):
+        current = store.read_small(key)
+        if current is None:
+            return {"released": False, "holder": None}
+        data, etag = current
+        holder = parse_lease(data)
+        if holder.get("owner") != owner:
+            return {"released": False, "holder": holder}
+        if store.delete_if_match(key, etag):
+            return {"released": True, "holder": holder}
+    raise StoreError(f"store {store.url}: the lease {key} kept changing while releasing it")
+
+
+def inspect(store: Store, key: str, clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """Read the lease without changing it (check mode)."""
+    current = store.read_small(key)
+    if current is None:
+        return {"held": False, "holder": None}
+    holder = parse_lease(current[0])
+    return {"held": float(holder.get("expires", 0)) >= clock(), "holder": holder}

@@ -1,0 +1,416 @@
+#!/usr/bin/python
+# Copyright: contributors to modulus.kmods
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: kmod_build
+short_description: Compile kernel modules (NVIDIA or any Kbuild source) inside a developer container
+version_added: "0.1.0"
+description:
+  - Compiles out-of-tree kernel modules inside a Flatcar (or legacy CoreOS Container Linux) developer
+    container image, for the kernel of that image, and lays the result out the way the original
+    C(modulus) tool did, C(DEST/lib/modules/<kver>/*.ko), C(DEST/lib/*.so*), C(DEST/bin/*), with
+    C(DEST/manifest.json) and C(DEST/build.log).
+  - The C(nvidia) recipe takes NVIDIA's C(.run) installer (downloaded from NVIDIA by a URL template,
+    a mirror URL, or a local file), extracts it with its own self-extractor
+    (C(--extract-only --target)) inside the container, builds C(kernel/) (proprietary) or
+    C(kernel-open/) (open) with C(make KERNEL_UNAME=<kver> modules) the way DKMS does, and collects the
+    userspace libraries and tools its C(.manifest) lists.
+  - The C(generic) recipe builds any Kbuild out-of-tree source (a directory, a tarball path or URL, or a
+    git URL and ref) with C(make -C /lib/modules/<kver>/build M=<src> modules) plus O(make_args).
+  - Before the build is called good every C(.ko) is read (ELF C(.modinfo) and C(__versions)) and its
+    vermagic must name the target kernel and every imported symbol CRC must match the kernel's
+    C(Module.symvers) (or the build's own for symbols of sibling modules). A mismatch fails and names
+    the symbols.
+  - Idempotent. When O(dest) holds a manifest for the same inputs and its files verify, nothing is
+    built and no container starts. A failed build leaves C(DEST.failed.json) and C(DEST.failed.log)
+    next to O(dest). Later runs with the same inputs fail at once until the inputs change or
+    O(force=true).
+  - The new build is assembled in a temporary directory next to O(dest) and renamed into place. The
+    previous O(dest) stays until then.
+  - Legacy images without C(/lib/modules/<kver>/build) get kernel sources prepared the old way
+    (C(emerge-gitclone), C(emerge -gKv coreos-sources), C(make modules_prepare)), which the build log says.
+author:
+  - modulus contributors (@modulus)
+attributes:
+  check_mode:
+    support: full
+    description: Reports whether a build would run; downloads and builds nothing.
+  diff_mode:
+    support: full
+    description: Shows the driver, version, kernel and inputs checksum before and after.
+options:
+  image:
+    description:
+      - Path of the developer container image (the uncompressed GPT disk image), for example
+        RV(modulus.kmods.coreos_devcontainer#module:image_path). It is never modified.
+    type: path
+    required: true
+  recipe:
+    description: What to build.
+    type: str
+    required: true
+    choices: [nvidia, generic]
+  dest:
+    description:
+      - Output directory. It is replaced as a whole when a new build succeeds.
+    type: path
+    required: true
+  kernel_release:
+    description:
+      - Kernel release to build for. Defaults to the only kernel under C(/usr/lib/modules) of the image.
+      - C(uname -r) inside the container is the host's kernel, so the target is always named explicitly.
+    type: str
+  version:
+    description:
+      - With O(recipe=nvidia), the driver version, such as C(535.104.05) (required).
+      - With O(recipe=generic), a free version string recorded in the manifest (default C(0)).
+    type: str
+  name:
+    description: Driver name recorded in the manifest; required with O(recipe=generic).
+    type: str
+  arch:
+    description: Architecture of the NVIDIA download. Defaults from the image board (C(amd64-usr) is C(x86_64)).
+    type: str
+    choices: [x86_64, aarch64]
+  source:
+    description:
+      - With O(recipe=nvidia), a URL (C(https), C(http), C(file)) or an absolute path of the C(.run).
+        Defaults to O(url_template) filled in.
+      - With O(recipe=generic), an absolute path of a source directory or tarball, a tarball URL, or a
+        git URL (with O(git_ref), or a C(git+) prefix, or a C(.git) suffix).
+    type: str
+  url_template:
+    description:
+      - Download URL of the NVIDIA C(.run) when O(source) is not given. C({version}), C({arch}) and
+        C({branch}) are replaced.
+      - NVIDIA's datacenter (tesla) location is
+        C(https://us.download.nvidia.com/tesla/{version}/NVIDIA-Linux-{arch}-{version}.run).
+    type: str
+    default: https://us.download.nvidia.com/XFree86/Linux-{arch}/{version}/NVIDIA-Linux-{arch}-{version}.run
+  checksum:
+    description:
+      - SHA-256 of the source file (C(.run) or tarball), optionally prefixed with C(sha256:). Enforced when given.
+      - It also identifies a downloaded source for idempotence; without it a URL source is identified by its URL.
+    type: str
+  kernel_module_type:
+    description:
+      - NVIDIA only. V(proprietary) builds C(kernel/), V(open) builds C(kernel-open/).
+      - V(auto) picks V(open) from driver branch 560 on (NVIDIA's default there, for Turing and newer
+        GPUs) and V(proprietary) before (the only choice before R515, NVIDIA's recommendation up to R555).
+    type: str
+    default: auto
+    choices: [proprietary, open, auto]
+  git_ref:
+    description: Branch, tag or commit to check out with a git O(source).
+    type: str
+  subdir:
+    description: Directory inside a generic source that holds the Kbuild file.
+    type: str
+    default: ""
+  make_args:
+    description: Extra C(make) arguments (C(VAR=value), options or targets).
+    type: list
+    elements: str
+    default: []
+  modules:
+    description:
+      - Names of the modules the build must produce (C(-) and C(_) are alike). A missing one fails the build.
+      - Required with O(recipe=generic). Defaults to C(nvidia), C(nvidia-uvm), C(nvidia-modeset), C(nvidia-drm) with O(recipe=nvidia).
+    type: list
+    elements: str
+  signing_key:
+    description:
+      - Path of the private key to sign the modules with (Secure Boot), using the kernel's own
+        C(scripts/sign-file) inside the container. Requires O(signing_cert).
+      - The key is copied into a private temporary directory, bound read-only and removed after the build.
+    type: path
+  signing_cert:
+    description: Path of the X.509 certificate (PEM or DER) that goes with O(signing_key).
+    type: path
+  signing_hash:
+    description: Digest algorithm for C(sign-file).
+    type: str
+    default: sha256
+    choices: [sha256, sha384, sha512]
+  channel:
+    description: Release channel recorded in the manifest (for example C(stable)).
+    type: str
+  force:
+    description: Build even when O(dest) is up to date or a failure marker exists for these inputs.
+    type: bool
+    default: false
+  jobs:
+    description: Parallel make jobs; C(0) uses every CPU the container sees.
+    type: int
+    default: 0
+  timeout:
+    description: Seconds the build may take inside the container.
+    type: int
+    default: 3600
+  run_method:
+    description: How to run the container (see M(modulus.kmods.coreos_devcontainer)).
+    type: str
+    default: auto
+    choices: [auto, image, overlay, chroot]
+  legacy_prepare:
+    description:
+      - V(auto) prepares emerged kernel sources only when the image has no C(/lib/modules/<kver>/build);
+        V(always) forces it; V(never) fails instead.
+    type: str
+    default: auto
+    choices: [auto, always, never]
+  validate_certs:
+    description: Verify TLS certificates of downloads.
+    type: bool
+    default: true
+  download_timeout:
+    description: Seconds a download (or git clone) may take.
+    type: int
+    default: 600
+notes:
+  - Needs root on the host (loop devices and systemd-nspawn, see M(modulus.kmods.coreos_devcontainer)).
+  - NVIDIA builds need about 1.5 GB of free space next to O(dest).
+seealso:
+  - module: modulus.kmods.coreos_devcontainer
+  - module: modulus.kmods.kmod_archive
+"""
+
+EXAMPLES = r"""
+- name: NVIDIA driver for the kernel of the pending release
+  modulus.kmods.kmod_build:
+    image: "{{ devc.image_path }}"
+    recipe: nvidia
+    version: 535.104.05
+    kernel_module_type: proprietary
+    dest: /opt/modulus/archive/nvidia/535.104.05
+  register: build
+
+- name: Same, from a local mirror, checksum pinned, modules signed for Secure Boot
+  modulus.kmods.kmod_build:
+    image: "{{ devc.image_path }}"
+    recipe: nvidia
+    version: 550.54.14
+    source: https://mirror.example.com/nvidia/NVIDIA-Linux-x86_64-550.54.14.run
+    checksum: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+    signing_key: /etc/modulus/mok.key
+    signing_cert: /etc/modulus/mok.crt
+    dest: /opt/modulus/archive/nvidia/550.54.14
+
+- name: Any Kbuild module from git
+  modulus.kmods.kmod_build:
+    image: "{{ devc.image_path }}"
+    recipe: generic
+    name: v4l2loopback
+    version: 0.13.2
+    source: https://github.com/umlaeute/v4l2loopback.git
+    git_ref: v0.13.2
+    modules: [v4l2loopback]
+    dest: /opt/modulus/archive/v4l2loopback/0.13.2
+"""
+
+RETURN = r"""
+dest:
+  description: The output directory.
+  returned: always
+  type: str
+kernel_release:
+  description: Kernel the modules were built for.
+  returned: success
+  type: str
+  sample: 6.1.0-50-amd64
+driver:
+  description: Driver name.
+  returned: success
+  type: str
+  sample: nvidia
+driver_version:
+  description: Driver version.
+  returned: success
+  type: str
+  sample: 535.261.03
+module_type:
+  description: C(proprietary) or C(open) for NVIDIA, null for generic builds.
+  returned: success
+  type: str
+inputs_sha256:
+  description: Checksum of everything that determines the build (source identity, kernel, image release, options).
+  returned: success
+  type: str
+source_sha256:
+  description: SHA-256 of the source that was built (the C(.run), the tarball or the source tree).
+  returned: when a build exists
+  type: str
+modules:
+  description: The modules built.
+  returned: when a build exists
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Module name from C(.modinfo).
+      type: str
+    file:
+      description: Path relative to O(dest).
+      type: str
+    size:
+      description: File size in bytes.
+      type: int
+    vermagic:
+      description: The module's vermagic string.
+      type: str
+    depends:
+      description: Modules it depends on.
+      type: list
+      elements: str
+    signer:
+      description: Signer of the appended signature (as C(modinfo) prints it), or null.
+      type: str
+    sig_key:
+      description: Key id (certificate serial) of the signature, or null.
+      type: str
+manifest:
+  description: The content of C(DEST/manifest.json).
+  returned: when a build exists
+  type: dict
+build_log:
+  description: Path of the build log (C(DEST/build.log), or C(DEST.failed.log) after a failure).
+  returned: when a build ran or exists
+  type: str
+reason:
+  description: Why the module did or did not build (C(up to date), C(inputs changed), C(force) ...).
+  returned: always
+  type: str
+duration:
+  description: Seconds the whole build took (0 when nothing was built).
+  returned: always
+  type: float
+"""
+
+import os  # noqa: E402
+import traceback  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+
+from ansible_collections.modulus.kmods.plugins.module_utils import kmodbuild  # noqa: E402
+
+
+def request_from(params: dict) -> kmodbuild.BuildRequest:
+    signing = None
+    key, cert = params["signing_key"], params["signing_cert"]
+    if bool(key) != bool(cert):
+        given = "signing_key" if key else "signing_cert"
+        raise kmodbuild.InputError(f"signing_key and signing_cert must be given together (got {given} only)")
+    if key:
+        for opt, path in (("signing_key", key), ("signing_cert", cert)):
+            if not path or not os.path.isfile(path):
+                raise kmodbuild.InputError(f"{opt}={path!r} is not a readable file")
+        signing = kmodbuild.SigningSpec(key_path=key, cert_path=cert, hash_algo=params["signing_hash"],
+                                        cert_fingerprint=kmodbuild.cert_fingerprint(cert))
+    return kmodbuild.BuildRequest(
+        recipe=params["recipe"], image=params["image"], dest=params["dest"],
+        kernel_release=params["kernel_release"], version=params["version"], name=params["name"],
+        arch=params["arch"], source=params["source"], url_template=params["url_template"],
+        checksum=params["checksum"], kernel_module_type=params["kernel_module_type"], git_ref=params["git_ref"],
+        subdir=params["subdir"] or "", make_args=list(params["make_args"] or []), modules=params["modules"],
+        signing=signing, force=params["force"], timeout=float(params["timeout"]), jobs=params["jobs"],
+        run_method=params["run_method"], legacy_prepare=params["legacy_prepare"], channel=params["channel"],
+        validate_certs=params["validate_certs"], download_timeout=float(params["download_timeout"]),
+    )
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            image=dict(type="path", required=True),
+            recipe=dict(type="str", required=True, choices=["nvidia", "generic"]),
+            dest=dict(type="path", required=True),
+            kernel_release=dict(type="str"),
+            version=dict(type="str"),
+            name=dict(type="str"),
+            arch=dict(type="str", choices=["x86_64", "aarch64"]),
+            source=dict(type="str"),
+            url_template=dict(type="str", default=kmodbuild.NVIDIA_URL_TEMPLATE),
+            checksum=dict(type="str"),
+            kernel_module_type=dict(type="str", default="auto", choices=["proprietary", "open", "auto"]),
+            git_ref=dict(type="str"),
+            subdir=dict(type="str", default=""),
+            make_args=dict(type="list", elements="str", default=[]),
+            modules=dict(type="list", elements="str"),
+            signing_key=dict(type="path", no_log=False),
+            signing_cert=dict(type="path"),
+            signing_hash=dict(type="str", default="sha256", choices=["sha256", "sha384", "sha512"]),
+            channel=dict(type="str"),
+            force=dict(type="bool", default=False),
+            jobs=dict(type="int", default=0),
+            timeout=dict(type="int", default=3600),
+            run_method=dict(type="str", default="auto", choices=["auto", "image", "overlay", "chroot"]),
+            legacy_prepare=dict(type="str", default="auto", choices=["auto", "always", "never"]),
+            validate_certs=dict(type="bool", default=True),
+            download_timeout=dict(type="int", default=600),
+        ),
+        required_if=[("recipe", "nvidia", ("version",)), ("recipe", "generic", ("name", "source", "modules"))],
+        required_together=[("signing_key", "signing_cert")],
+        supports_check_mode=True,
+    )
+    p = module.params
+    result: dict = dict(changed=False, dest=p["dest"], reason="", duration=0.0)
+    try:
+        req = request_from(p)
+        resolved, up_to_date, existing, why = kmodbuild.plan(req)
+    except kmodbuild.InputError as exc:
+        module.fail_json(msg=str(exc), **result)
+    except Exception as exc:  # image unreadable, debugfs missing ...
+        module.fail_json(msg=f"cannot inspect image={p['image']!r}: {exc}", exception=traceback.format_exc(), **result)
+
+    result.update(kernel_release=resolved.kernel_release, driver=resolved.driver,
+                  driver_version=resolved.driver_version, module_type=resolved.module_type,
+                  inputs_sha256=resolved.inputs_sha256, reason=why)
+    if up_to_date:
+        result.update(modules=existing.get("modules", []), manifest=existing,
+                      source_sha256=existing.get("source_sha256"), build_log=f"{p['dest']}/build.log")
+        module.exit_json(**result)
+
+    marker = kmodbuild.known_failure(resolved)
+    if marker:
+        result["build_log"] = marker.get("log")
+        marker_path = kmodbuild.marker_paths(p["dest"])[0]
+        module.fail_json(msg=f"a previous build with the same inputs failed ({marker_path}): {marker.get('message')};"
+                             " not retrying until the inputs change or force=true", **result)
+
+    before = kmodbuild.summary(existing)
+    after = {"kernel_release": resolved.kernel_release, "driver": resolved.driver,
+             "driver_version": resolved.driver_version, "module_type": resolved.module_type,
+             "inputs_sha256": resolved.inputs_sha256}
+    if module._diff:
+        result["diff"] = dict(before=before, after=after)
+    result["changed"] = True
+    if module.check_mode:
+        result["reason"] = f"would build: {why}"
+        module.exit_json(**result)
+
+    try:
+        out = kmodbuild.run_build(resolved, log=module.log)
+    except kmodbuild.BuildError as exc:
+        result["changed"] = False
+        result["build_log"] = exc.log_path
+        tail = exc.log_tail.strip()[-3000:]
+        module.fail_json(msg=f"{exc.msg}\n--- end of the build log ---\n{tail}" if tail else exc.msg, **result)
+    except kmodbuild.InputError as exc:
+        result["changed"] = False
+        module.fail_json(msg=str(exc), **result)
+    except Exception as exc:
+        result["changed"] = False
+        module.fail_json(msg=f"build failed: {exc}", exception=traceback.format_exc(), **result)
+    manifest = out.manifest or {}
+    result["changed"] = out.changed
+    result.update(modules=manifest.get("modules", []), manifest=manifest, source_sha256=manifest.get("source_sha256"),
+                  build_log=out.log_path, duration=round(out.duration, 3), reason=out.reason)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

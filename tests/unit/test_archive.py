@@ -1,0 +1,328 @@
+"""kmod_archive module_utils, called directly: keys, deterministic tarball, verified extraction,
+legacy import, file store round trip and idempotence, the lease with a controlled clock."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.modulus.kmods.plugins.module_utils import archive as ar
+from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
+from ansible_collections.modulus.kmods.plugins.module_utils import lease as ls
+from ansible_collections.modulus.kmods.plugins.module_utils.stores import FileStore, StoreError, open_store
+from sim.kmod_archive_fixtures import IDENT, make_build, make_legacy_archive, manifest_of
+
+IDENTITY = {k: IDENT[k] for k in ar.IDENTITY_FIELDS}
+KEY = "flatcar/amd64-usr/9001.1.0/6.1.0-47-amd64/nvidia/535.261.03/proprietary-unsigned.tar.gz"
+
+
+@pytest.fixture()
+def build(tmp_path: Path) -> Path:
+    return make_build(tmp_path / "build")
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> FileStore:
+    (tmp_path / "store").mkdir()
+    st = open_store(f"file://{tmp_path / 'store'}")
+    assert isinstance(st, FileStore)
+    return st
+
+
+# ----------------------------------------------------------------------------- keys
+
+def test_key_layout_from_manifest(build: Path) -> None:
+    ident = ar.identity_from_manifest(manifest_of(build))
+    assert ar.archive_key(ident) == KEY
+    assert ar.archive_key(ident, "/fleet//flatcar/") == "fleet/flatcar/" + KEY
+    signed = dict(ident, signing_key_fingerprint="AB12 CD34", module_type="open")
+    assert ar.archive_key(signed).endswith("/open-signed-ab12cd34.tar.gz")
+    assert ar.legacy_key("9001.1.0", "stable", "nvidia", "535.261.03", "old") == "old/9001.1.0-stable-nvidia-535.261.03.tar.gz"
+    assert ar.lease_key(KEY) == KEY[: -len(".tar.gz")] + ".lease"
+
+
+@pytest.mark.parametrize("field,value", [("driver", "../etc"), ("os_version", "a/b"), ("kernel_release", ""),
+                                         ("driver_version", "..")])
+def test_key_refuses_unsafe_components(field: str, value: str) -> None:
+    with pytest.raises(ar.ArchiveError, match=field):
+        ar.archive_key(dict(IDENTITY, **{field: value}))
+
+
+# ----------------------------------------------------------------------------- deterministic tarball
+
+def test_pack_is_deterministic_and_normalized(build: Path, tmp_path: Path) -> None:
+    manifest = manifest_of(build)
+    sha1, size1 = ar.pack_tree(str(build), manifest, str(tmp_path / "a.tar.gz"))
+    # touch every file and change the umask-visible mode: the bytes must not change
+    for path in build.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (1234567, 7654321))
+    os.chmod(build / "build.log", 0o600)
+    sha2, size2 = ar.pack_tree(str(build), manifest, str(tmp_path / "b.tar.gz"))
+    assert (sha1, size1) == (sha2, size2)
+    assert hashlib.sha256((tmp_path / "a.tar.gz").read_bytes()).hexdigest() == sha1
+    raw = (tmp_path / "a.tar.gz").read_bytes()
+    assert raw[:4] == b"\x1f\x8b\x08\x00" and raw[4:8] == b"\x00\x00\x00\x00"  # no name, mtime 0
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw))) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names)
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
+    modes = {m.name: m.mode for m in members}
+    assert modes["bin/nvidia-smi"] == 0o755 and modes["build.log"] == 0o644 and modes["lib"] == 0o755
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw))) as tar:
+        packed = json.loads(tar.extractfile("manifest.json").read())
+    assert "archive" not in packed and packed["files"] == manifest["files"]
+
+
+def test_multimember_gzip_reads_with_gnu_tar(tmp_path: Path) -> None:
+    src = make_build(tmp_path / "big", big_random=9 << 20, big_text=3 << 20)
+    sha, size = ar.pack_tree(str(src), manifest_of(src), str(tmp_path / "big.tar.gz"))
+    # several members (4 MiB chunks); the random one is stored, not deflated
+    assert size > 9 << 20
+    out = subprocess.run(["tar", "-tzf", str(tmp_path / "big.tar.gz")], check=True, capture_output=True, text=True)
+    assert "lib/modules/6.1.0-47-amd64/nvidia-big.ko" in out.stdout.split()
+
+
+def test_incompressible_chunks_are_stored() -> None:
+    rnd = os.urandom(ar.CHUNK_SIZE)
+    member = ar.gzip_member(rnd, 6)
+    assert len(member) < len(rnd) + 1024 and gzip.decompress(member) == rnd
+    text = b"compressible text line\n" * 200000
+    assert len(ar.gzip_member(text, 1)) < len(text) / 20
+
+
+def test_pack_refuses_a_tree_that_does_not_match(build: Path, tmp_path: Path) -> None:
+    (build / "bin/nvidia-smi").write_bytes(b"#!/bin/sh\necho tampered\n")
+    out = tmp_path / "x.tar.gz"
+    with pytest.raises(ar.ArchiveError, match="bin/nvidia-smi"):
+        ar.pack_tree(str(build), manifest_of(build), str(out))
+    assert not out.exists()
+
+
+def test_verify_tree_reports_each_problem(build: Path) -> None:
+    manifest = manifest_of(build)
+    assert ar.verify_tree(str(build), manifest) == []
+    (build / "extra.txt").write_text("x")
+    (build / "lib/modules/6.1.0-47-amd64/nvidia.ko").unlink()
+    (build / "build.log").write_text("changed")
+    problems = "\n".join(ar.verify_tree(str(build), manifest))
+    assert "extra.txt" in problems and "nvidia.ko" in problems and "build.log" in problems
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+def _evil(path: Path, *members: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info in members:
+            if info.isreg():
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+@pytest.mark.parametrize("members,pattern", [
+    ([_member("/etc/passwd")], "absolute"),
+    ([_member("../outside")], "escapes"),
+    ([_member("a/../../outside")], "escapes"),
+    ([_member("lib/evil", tarfile.SYMTYPE, "../../etc/shadow")], "outside"),
+    ([_member("lib/evil", tarfile.SYMTYPE, "/etc/shadow")], "absolute"),
+    ([_member("lib", tarfile.SYMTYPE, "sub"), _member("lib/x")], "symlink"),
+    ([_member("hl", tarfile.LNKTYPE, "/etc/passwd")], "hard link"),
+    ([_member("dev", tarfile.CHRTYPE)], "device"),
+    ([_member("fifo", tarfile.FIFOTYPE)], "device, FIFO"),
+])
+def test_extraction_refuses_entries_escaping_dest(tmp_path: Path, members: list, pattern: str) -> None:
+    archive = _evil(tmp_path / "evil.tar.gz", *members)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(ar.ArchiveError, match=pattern):
+        ar.extract_archive(str(archive), str(staging))
+    assert not (tmp_path / "outside").exists()
+
+
+def test_extraction_keeps_inner_links(tmp_path: Path) -> None:
+    archive = _evil(tmp_path / "ok.tar.gz", _member("lib/a.so.1"), _member("lib/a.so", tarfile.SYMTYPE, "a.so.1"),
+                    _member("lib/b.so", tarfile.LNKTYPE, "lib/a.so.1"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    written = ar.extract_archive(str(archive), str(staging))
+    assert written["lib/a.so"] == {"link": "a.so.1"}
+    assert written["lib/b.so"]["sha256"] == hashlib.sha256(b"x").hexdigest()
+
+
+# ----------------------------------------------------------------------------- file store round trip
+
+def test_file_store_round_trip_and_idempotence(build: Path, store: FileStore, tmp_path: Path) -> None:
+    first = ops.push(str(build), store, {})
+    assert first["changed"] and first["key"] == KEY and first["diff"]["before"]["sha256"] is None
+    recorded = manifest_of(build)["archive"]
+    assert recorded["sha256"] == first["sha256"] and recorded["key"] == KEY
+    requests = store.requests
+    again = ops.push(str(build), store, {})
+    assert not again["changed"] and store.requests - requests == 1  # one HEAD
+    dest = tmp_path / "dest"
+    pulled = ops.pull(str(dest), store, IDENTITY, "stable")
+    assert pulled["changed"] and pulled["sha256"] == first["sha256"]
+    assert ar.verify_tree(str(dest), manifest_of(dest)) == []
+    assert (dest / "lib/libnvidia-ml.so.1").is_symlink()
+    requests = store.requests
+    noop = ops.pull(str(dest), store, IDENTITY, "stable")
+    assert not noop["changed"] and store.requests - requests == 1
+    local = ops.pull(str(dest), store, IDENTITY, "stable", remote_check=False)
+    assert not local["changed"] and store.requests - requests == 1  # decided locally: no request
+
+
+def test_check_mode_changes_nothing(build: Path, store: FileStore, tmp_path: Path) -> None:
+    before = (build / "manifest.json").read_bytes()
+    res = ops.push(str(build), store, {}, check_mode=True)
+    assert res["changed"] and store.head(KEY) is None and (build / "manifest.json").read_bytes() == before
+    ops.push(str(build), store, {})
+    res = ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable", check_mode=True)
+    assert res["changed"] and res["diff"]["after"]["key"] == KEY and not (tmp_path / "dest").exists()
+    res = ops.remove(store, IDENTITY, check_mode=True)
+    assert res["changed"] and store.head(KEY) is not None
+    assert ops.remove(store, IDENTITY)["changed"] and store.head(KEY) is None
+    assert not ops.remove(store, IDENTITY)["changed"]
+
+
+def test_replaced_object_is_refused_and_dest_kept(build: Path, store: FileStore, tmp_path: Path) -> None:
+    ops.push(str(build), store, {})
+    dest = tmp_path / "dest"
+    ops.pull(str(dest), store, IDENTITY, "stable")
+    snapshot = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    # other bytes under the same key (metadata untouched)
+    other = make_build(tmp_path / "other", seed=7)
+    ar.pack_tree(str(other), manifest_of(other), str(tmp_path / "other.tar.gz"))
+    Path(store.root, *KEY.split("/")).write_bytes((tmp_path / "other.tar.gz").read_bytes())
+    with pytest.raises(ar.ArchiveError, match="metadata says"):
+        ops.pull(str(tmp_path / "dest2"), store, IDENTITY, "stable")
+    assert not (tmp_path / "dest2").exists()
+    # other bytes with matching metadata: caught by the manifest of another build
+    bad = make_build(tmp_path / "bad", ident={"driver_version": "999.1"})
+    sha, size = ar.pack_tree(str(bad), manifest_of(bad), str(tmp_path / "bad.tar.gz"))
+    store.upload(str(tmp_path / "bad.tar.gz"), KEY, sha, ar.manifest_sha256(manifest_of(bad)), size)
+    with pytest.raises(ar.ArchiveError, match="another build"):
+        ops.pull(str(dest), store, IDENTITY, "stable", remote_check=True)
+    assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == snapshot
+    assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name or ".download-" in p.name] == []
+
+
+def test_legacy_archive_is_imported(store: FileStore, tmp_path: Path) -> None:
+    legacy = Path(store.root, "9001.1.0-stable-nvidia-535.261.03.tar.gz")
+    files = make_legacy_archive(legacy)
+    q = ops.query(store, IDENTITY, "stable")
+    assert q["exists"] and q["legacy"] and q["key"] == legacy.name
+    dest = tmp_path / "dest"
+    res = ops.pull(str(dest), store, IDENTITY, "stable")
+    assert res["changed"] and res["legacy"]
+    manifest = manifest_of(dest)
+    assert manifest["imported"] == "legacy" and manifest["kernel_release"] == "6.1.0-47-amd64"
+    assert set(manifest["files"]) == set(files)
+    assert {m["name"] for m in manifest["modules"]} == {"nvidia", "nvidia-uvm"}
+    assert manifest["modules"][0]["vermagic"].startswith("6.1.0-47-amd64")
+    assert (dest / "bin/nvidia-smi").read_bytes() == files["bin/nvidia-smi"]
+    requests = store.requests
+    assert not ops.pull(str(dest), store, IDENTITY, "stable")["changed"]
+    assert store.requests - requests == 1
+    # a legacy archive for another kernel is refused
+    with pytest.raises(ar.ArchiveError, match="not kernel_release"):
+        ops.pull(str(tmp_path / "d2"), store, dict(IDENTITY, kernel_release="6.1.0-50-amd64"), "stable")
+
+
+def test_no_store_keeps_everything_local(build: Path, tmp_path: Path) -> None:
+    assert not ops.push(str(build), None, {})["changed"]
+    with pytest.raises(ar.ArchiveError, match="no store"):
+        ops.pull(str(tmp_path / "dest"), None, IDENTITY)
+    assert ops.lock(None, IDENTITY, "me", 60, 0, 1)["lock"]["acquired"]
+
+
+def test_identity_options_must_match_manifest(build: Path, store: FileStore) -> None:
+    with pytest.raises(ar.ArchiveError, match="driver_version='1.0'"):
+        ops.push(str(build), store, {"driver_version": "1.0"})
+
+
+def test_store_urls() -> None:
+    with pytest.raises(StoreError, match="unsupported scheme"):
+        open_store("ftp://host/x")
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store("file:///nonexistent/dir/for/test")
+    with pytest.raises(StoreError, match="credentials"):
+        open_store("https://user:pw@host/x")
+
+
+# ----------------------------------------------------------------------------- lease
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_lease_exclusive_reentrant_and_takeover(store: FileStore) -> None:
+    clock = Clock()
+    key = ar.lease_key(KEY)
+    assert ls.acquire(store, key, "a", ttl=100, wait=0, clock=clock, sleep=clock.sleep).acquired
+    res = ls.acquire(store, key, "b", ttl=100, wait=30, poll=10, clock=clock, sleep=clock.sleep)
+    assert not res.acquired and res.holder["owner"] == "a" and res.waited == pytest.approx(30)
+    assert ls.acquire(store, key, "a", ttl=100, wait=0, clock=clock, sleep=clock.sleep).renewed
+    clock.now += 101  # a's lease is stale now
+    took = ls.acquire(store, key, "b", ttl=100, wait=0, clock=clock, sleep=clock.sleep)
+    assert took.acquired and took.took_over and took.holder["owner"] == "a"
+    assert ls.release(store, key, "a") == {"released": False, "holder": ls.parse_lease(store.read_small(key)[0])}
+    assert ls.release(store, key, "b")["released"]
+    assert store.read_small(key) is None
+
+
+def test_lease_wait_ends_when_archive_appears(store: FileStore) -> None:
+    clock = Clock()
+    key = ar.lease_key(KEY)
+    ls.acquire(store, key, "a", ttl=100, wait=0, clock=clock, sleep=clock.sleep)
+    calls = []
+
+    def done() -> bool:
+        calls.append(clock.now)
+        return len(calls) >= 3
+
+    res = ls.acquire(store, key, "b", ttl=100, wait=600, poll=5, done=done, clock=clock, sleep=clock.sleep)
+    assert not res.acquired and res.done and res.waited == pytest.approx(10)
+
+
+def test_lease_takeover_race_has_one_winner(store: FileStore) -> None:
+    key = ar.lease_key(KEY)
+    store.create_exclusive(key, ls.lease_body("old", ttl=1, now=time.time() - 100))
+    data, etag = store.read_small(key)
+    assert store.replace_if_match(key, ls.lease_body("x", 100, time.time()), etag)
+    assert not store.replace_if_match(key, ls.lease_body("y", 100, time.time()), etag)  # stale etag loses
+    assert ls.parse_lease(store.read_small(key)[0])["owner"] == "x"
+
+
+def test_failed_push_leaves_nothing_behind(build: Path, store: FileStore) -> None:
+    (build / "build.log").write_bytes(b"x" * (build / "build.log").stat().st_size)  # same size, other bytes
+    with pytest.raises(ar.ArchiveError, match="build.log"):
+        ops.push(str(build), store, {})
+    assert [p.name for p in build.parent.iterdir() if p.name.startswith(".kmod_archive-")] == []
+    assert store.head(KEY) is None and "archive" not in manifest_of(build)
