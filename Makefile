@@ -15,7 +15,7 @@ export PYTHONPATH := $(COLLROOT):$(CURDIR)/tests
 export ANSIBLE_COLLECTIONS_PATH := $(COLLROOT)
 export ANSIBLE_COLLECTIONS_SCAN_SYS_PATH := false
 
-.PHONY: deps system-deps collection sanity units integration lint test demo clean bench
+.PHONY: deps system-deps collection sim sanity units integration lint test demo clean bench
 
 deps: system-deps $(VENV)/.installed collection
 
@@ -37,12 +37,17 @@ sanity: $(VENV)/.installed
 	git ls-files -z --cached --others --exclude-standard | \
 	  grep -zv -E '^(tests/sim|tests/integration|tests/unit|benchmarks|scripts|\.ci)/' | \
 	  xargs -0 -I{} cp --parents -P {} $(SANITY)/ 2>/dev/null || true
-	cd $(SANITY) && $(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no $(SANITY_ARGS)
+	# ansible-test lists files through git; the copy lives in an ignored folder, so give it its own repository.
+	cd $(SANITY) && git init -q && git add -A && $(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no $(SANITY_ARGS)
 
 units: $(VENV)/.installed collection
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-integration: $(VENV)/.installed collection
+# Build (or load from its cache) the Flatcar simulation kit, with progress lines.
+sim: $(VENV)/.installed collection
+	$(BIN)/python -m sim build >/dev/null
+
+integration: sim
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed collection
@@ -52,7 +57,7 @@ lint: $(VENV)/.installed collection
 
 test: lint sanity units integration
 
-demo: deps
+demo: deps sim
 	$(BIN)/python -m sim.demo
 
 bench: deps

@@ -281,6 +281,8 @@ class ChunkedGzipWriter(io.RawIOBase):
         self._pending: list[concurrent.futures.Future] = []
         self._workers = workers or max(1, min(4, os.cpu_count() or 1))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self._workers)
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one thread keeps the order
+        self._writes: list[concurrent.futures.Future] = []
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.raw_size = 0
@@ -288,26 +290,34 @@ class ChunkedGzipWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.raw_size
+
     def write(self, data: Any) -> int:  # type: ignore[override]
-        view = bytes(data)
-        self._buf += view
-        self.raw_size += len(view)
+        size = len(data)
+        self._buf += data
+        self.raw_size += size
         while len(self._buf) >= CHUNK_SIZE:
-            chunk = bytes(self._buf[:CHUNK_SIZE])
+            chunk = bytes(memoryview(self._buf)[:CHUNK_SIZE])
             del self._buf[:CHUNK_SIZE]
             self._submit(chunk)
-        return len(view)
+        return size
 
     def _submit(self, chunk: bytes) -> None:
         self._pending.append(self._pool.submit(gzip_member, chunk, self._level))
         while len(self._pending) > 2 * self._workers:
             self._drain_one()
 
-    def _drain_one(self) -> None:
-        member = self._pending.pop(0).result()
+    def _write_member(self, member: bytes) -> None:
         self._out.write(member)
         self.sha256.update(member)
         self.size += len(member)
+
+    def _drain_one(self) -> None:
+        member = self._pending.pop(0).result()
+        self._writes.append(self._writer.submit(self._write_member, member))
+        while len(self._writes) > 2 * self._workers:
+            self._writes.pop(0).result()
 
     def finish(self) -> None:
         if self._buf or self.raw_size == 0:
@@ -315,13 +325,17 @@ class ChunkedGzipWriter(io.RawIOBase):
             self._buf = bytearray()
         while self._pending:
             self._drain_one()
+        while self._writes:
+            self._writes.pop(0).result()
         self._pool.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     def abort(self) -> None:
-        for fut in self._pending:
+        for fut in self._pending + self._writes:
             fut.cancel()
-        self._pending = []
+        self._pending, self._writes = [], []
         self._pool.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
 
 class _HashingReader:
@@ -371,7 +385,7 @@ def pack_tree(tree: str, manifest: dict[str, Any], out_path: str, level: int = D
         with open(out_path, "xb") as out:
             gz = ChunkedGzipWriter(out, level)
             try:
-                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
+                with tarfile.TarFile(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT, copybufsize=1 << 20) as tar:  # type: ignore[arg-type]
                     for name, kind in entries:
                         _add_entry(tar, tree, name, kind, files, manifest)
             except BaseException:
@@ -634,7 +648,9 @@ def swap_into_place(staging: str, dest: str) -> None:
 def make_staging(dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest)) or "/"
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dest))}.staging-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dest))}.staging-", dir=parent)
+    os.chmod(staging, 0o755)  # becomes dest: readable like any installed tree
+    return staging
 
 
 def describe_change(key: Optional[str], sha256: Optional[str], size: Optional[int]) -> dict[str, Any]:

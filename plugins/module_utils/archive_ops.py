@@ -121,6 +121,15 @@ def _local_match(dest: str, ident: dict[str, Optional[str]]) -> Optional[dict[st
     return manifest
 
 
+def _dest_state(dest: str) -> dict[str, Any]:
+    """What ``dest`` holds now, for the diff (whatever build it is)."""
+    try:
+        section = ar.load_manifest(dest).get("archive") or {}
+    except ar.ArchiveError:
+        section = {}
+    return {"key": section.get("key"), "sha256": section.get("sha256"), "size": section.get("size")}
+
+
 def find_remote(store: Store, ident: dict[str, Optional[str]], channel: Optional[str],
                 legacy: bool) -> Optional[ObjectInfo]:
     info = store.head(ar.archive_key(ident))
@@ -148,12 +157,21 @@ def pull(dest: str, store: Optional[Store], ident: dict[str, Optional[str]], cha
                            diff={"before": local_state, "after": local_state})
     if store is None:
         raise ar.ArchiveError(f"dest {dest} does not hold a verified build of {key} and no store is configured")
-    if local is not None and local.get("imported") == "legacy" and (local.get("archive") or {}).get("key"):
-        info = store.head(local["archive"]["key"])
-        if info is not None:
-            info.legacy = True
-    else:
-        info = find_remote(store, ident, channel, legacy)
+    try:
+        if local is not None and local.get("imported") == "legacy" and (local.get("archive") or {}).get("key"):
+            info = store.head(local["archive"]["key"])
+            if info is not None:
+                info.legacy = True
+        else:
+            info = find_remote(store, ident, channel, legacy)
+    except StoreError as exc:
+        if local is None:
+            raise
+        # the verified local build stays in use: a store outage must not break a converged host
+        return _result(False, store, key=local_state["key"] or key, sha256=local_state["sha256"], dest=dest,
+                       legacy=local.get("imported") == "legacy", remote_error=str(exc),
+                       msg="dest already holds this build (verified); the store could not be checked",
+                       diff={"before": local_state, "after": local_state})
     if local is not None and (info is None or (info.sha256 and info.sha256 == local_state["sha256"])
                               or (not info.sha256 and info.size == local_state["size"])):
         return _result(False, store, key=local_state["key"] or key, sha256=local_state["sha256"], dest=dest,
@@ -166,7 +184,7 @@ def pull(dest: str, store: Optional[Store], ident: dict[str, Optional[str]], cha
                 str(ident.get("os_version")), channel, str(ident.get("driver")), str(ident.get("driver_version"))))
             if legacy and channel else ""))
     is_legacy = info.legacy
-    before = local_state or {"key": None, "sha256": None, "size": None}
+    before = local_state or _dest_state(dest)
     if check_mode:
         return _result(True, store, key=info.key, sha256=info.sha256, size=info.size, dest=dest, legacy=is_legacy,
                        diff={"before": before, "after": _state(info)})
@@ -258,7 +276,7 @@ def lock(store: Optional[Store], ident: dict[str, Optional[str]], owner: str, tt
         return _result(False, store, key=key, lock={"acquired": False, "archive_exists": True, "holder": None, "key": lkey})
     if check_mode:
         seen = ls.inspect(store, lkey, clock)
-        return _result(not seen["held"] or (seen["holder"] or {}).get("owner") == owner, store, key=key,
+        return _result(not seen["held"], store, key=key,
                        lock={"acquired": False, "archive_exists": False, "holder": seen["holder"], "key": lkey})
     res = ls.acquire(store, lkey, owner, ttl, wait, poll, done=lambda: store.head(key) is not None,
                      clock=clock, sleep=sleep)

@@ -701,7 +701,7 @@ def build_script(r: Resolved, jobs: int, signing: bool) -> str:
     if req.recipe == "nvidia":
         kdir = "kernel-open" if r.module_type == "open" else "kernel"
         lines += [
-            'log "extracting the driver archive with its own self-extractor"',
+            f'log "extracting the driver archive with its own self-extractor: sh {IN_DIR}/driver.run --extract-only --target $W/tree"',
             f'sh {IN_DIR}/driver.run --extract-only --target "$W/tree"',
             f'[ -d "$W/tree/{kdir}" ] || {{ log "the archive has no {kdir}/ directory (kernel_module_type={r.module_type})"; exit 4; }}',
             f'log "building {kdir} modules: make -j$JOBS KERNEL_UNAME=$KVER $EXTRA {margs} modules"',

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import Store, StoreError
 
+MAX_ATTEMPTS = 100000  # a bound on the loop, far above any real wait (each pass sleeps or makes progress)
+
 
 class LeaseResult:
     def __init__(self, acquired: bool, holder: Optional[dict[str, Any]], waited: float,
@@ -66,7 +68,7 @@ def acquire(store: Store, key: str, owner: str, ttl: float, wait: float, poll: f
         raise StoreError(f"store {store.url} cannot hold a lock (read-only)")
     start = clock()
     holder: Optional[dict[str, Any]] = None
-    while True:
+    for _attempt in range(MAX_ATTEMPTS):
         now = clock()
         if store.create_exclusive(key, lease_body(owner, ttl, now)):
             return LeaseResult(True, None, now - start)
@@ -89,6 +91,7 @@ def acquire(store: Store, key: str, owner: str, ttl: float, wait: float, poll: f
         if remaining <= 0:
             return LeaseResult(False, holder, clock() - start)
         sleep(min(poll, remaining))
+    raise StoreError(f"store {store.url}: the lease {key} kept changing under us ({MAX_ATTEMPTS} attempts)")
 
 
 def release(store: Store, key: str, owner: str) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class S3Store(Store):
         if not HAS_BOTO3:
             raise StoreError(f"store {url} needs the Python library boto3 on the managed host")
         self.bucket = bucket
+        self._bucket_seen = False
         self.endpoint = options.get("endpoint_url")
         self.where = "{}{}".format(url, f" at {self.endpoint}" if self.endpoint else "")
         self.extra: dict[str, Any] = {}
@@ -118,8 +119,11 @@ class S3Store(Store):
         return StoreError(f"store {self.where}: {action} {key} failed: {exc}")
 
     def _missing_bucket(self) -> bool:
+        if self._bucket_seen:
+            return False
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            self._bucket_seen = True
         except botocore.exceptions.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             return status == 404

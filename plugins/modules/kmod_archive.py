@@ -209,6 +209,12 @@ dest:
   description: The directory holding the fetched build.
   returned: O(state=fetched)
   type: str
+remote_error:
+  description:
+    - With O(state=fetched), why the store could not be checked while O(dest) already held the verified
+      build (the build is kept and the task does not fail; a warning is shown).
+  returned: when the store was unreachable or refused the check
+  type: str
 store_requests:
   description: Number of requests sent to the store by this task (0 when the work was decided locally).
   returned: always
@@ -304,8 +310,8 @@ def main() -> None:
         owner = p["lock_owner"] or default_owner()
         state = p["state"]
         if state == "present":
-            given = {k: v for k, v in ident.items() if v is not None and module.params.get(k) is not None
-                     and k in ("os_version", "kernel_release", "driver", "driver_version", "signing_key_fingerprint")}
+            # options without a default that were given must agree with the manifest
+            given = {k: p[k] for k in NAMING + ["signing_key_fingerprint"] if p[k] is not None}
             result = ops.push(p["src"], store, given, p["compression_level"], module.check_mode, p["tmp_dir"])
         elif state == "fetched":
             result = ops.pull(p["dest"], store, ident, p["channel"], p["legacy"], p["remote_check"], module.check_mode)
@@ -324,6 +330,8 @@ def main() -> None:
     finally:
         if store is not None:
             store.close()
+    if result.get("remote_error"):
+        module.warn(f"kept the verified build in {result.get('dest')}: {result['remote_error']}")
     if not module._diff:
         result.pop("diff", None)
     module.exit_json(**result)

@@ -58,24 +58,25 @@ def test_command_sees_the_image_binds_and_env(kit: Kit, tmp_path: Path, method: 
     assert res.method == method and not res.timed_out
     assert f"FLATCAR_RELEASE_VERSION={rel.version}" in res.output_tail
     assert f"KV={rel.kernel}" in res.output_tail and "\n/src\n" in res.output_tail and "payload" in res.output_tail
-    assert "RO-BROKEN" not in res.output_tail
+    assert "RO-BROKEN" not in res.output_tail.splitlines()
     assert (out / "result").read_text() == "made\n"
     assert fingerprint(rel.image_raw) == before
     assert loops_of(rel.image_raw) == []
     assert "=== rc=0" in (tmp_path / "run.log").read_text()
 
 
-def test_timeout_kills_the_group_and_cleans_up(kit: Kit, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_timeout_kills_the_group_and_cleans_up(kit: Kit, tmp_path: Path, method: str) -> None:
     rel = kit.releases["current"]
     started = time.monotonic()
-    res = run_in_image(str(rel.image_raw), ["/bin/sh", "-c", "sleep 300 & sleep 300; echo never"], timeout=3,
-                       log_path=str(tmp_path / "t.log"), method=METHODS[0])
+    res = run_in_image(str(rel.image_raw), ["/bin/sh", "-c", "sleep 4243 & sleep 4243; echo never"], timeout=3,
+                       log_path=str(tmp_path / "t.log"), method=method)
     assert res.timed_out and res.rc != 0
     assert time.monotonic() - started < 60
-    assert "never" not in res.output_tail
+    assert "never" not in res.output_tail.splitlines()
     assert loops_of(rel.image_raw) == []
-    # no "sleep 300" left running from that container
-    procs = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True, check=False).stdout.split()
+    # no "sleep 4243" left running from that container
+    procs = subprocess.run(["pgrep", "-f", "sleep 4243"], capture_output=True, text=True, check=False).stdout.split()
     assert [p for p in procs if int(p) != os.getpid()] == []
 
 

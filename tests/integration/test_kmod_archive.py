@@ -261,3 +261,7 @@ def test_bad_options_are_named(tmp_path: Path) -> None:
     assert res["failed"] and "os_version" in res["msg"]
     res, _ = run({"state": "fetched", "dest": str(tmp_path / "d")})
     assert res["failed"] and "os_version" in res["msg"]
+    res, _ = run({"store": f"file://{tmp_path}", "src": str(tmp_path / "src"), "driver_version": "1.0"})
+    assert res["failed"] and "driver_version='1.0' does not match" in res["msg"]
+    res, _ = run({"store": f"file://{tmp_path}", "src": str(tmp_path / "src"), "compression_level": 12})
+    assert res["failed"] and "compression_level=12" in res["msg"]

@@ -32,6 +32,8 @@ from pathlib import Path
 
 # Debian bookworm non-free carries 535.261.03-1 (and bookworm-security a newer 535.309.01); the
 # open sources exist only as 535.261.03-1, so that version keeps kernel/ and kernel-open/ matched.
+# If the mirror no longer has it, the fixture takes the version Debian offers (kernel-open/ only
+# when the open sources exist in that same version).
 DEBIAN_VERSION = os.environ.get("MODULUS_SIM_NVIDIA_DEB", "535.261.03-1")
 ARCH = "x86_64"
 RECIPE_REV = "3"  # bump when the archive's layout or stub changes
@@ -140,14 +142,20 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {p.returncode}): {p.stdout[-2000:]}")
 
 
-def _download_sources(work: Path, debian_version: str) -> tuple[Path, Path | None]:
-    """apt-get download + dpkg -x; returns (proprietary tree, open tree or None)."""
+def _download_sources(work: Path, debian_version: str) -> tuple[Path, Path | None, str]:
+    """apt-get download + dpkg -x; returns (proprietary tree, open tree or None, Debian version used)."""
     debs = work / "debs"
     debs.mkdir()
     os.chmod(debs, 0o777)  # apt's sandbox user may write here
-    _run(["apt-get", "download", "-q", f"nvidia-kernel-source={debian_version}"], cwd=debs)
-    have_open = subprocess.run(["apt-get", "download", "-q", f"nvidia-open-kernel-source={debian_version}"],
-                               cwd=debs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT).returncode == 0
+    pinned = subprocess.run(["apt-get", "download", "-q", f"nvidia-kernel-source={debian_version}"], cwd=debs,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if pinned.returncode != 0:  # the mirror moved on: take what Debian has now
+        _run(["apt-get", "download", "-q", "nvidia-kernel-source"], cwd=debs)
+    [deb] = list(debs.glob("nvidia-kernel-source_*.deb"))
+    actual = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True, stdout=subprocess.PIPE,
+                            text=True).stdout.strip()
+    have_open = subprocess.run(["apt-get", "download", "-q", f"nvidia-open-kernel-source={actual}"], cwd=debs,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False).returncode == 0
     root = work / "root"
     for deb in sorted(debs.glob("*.deb")):
         _run(["dpkg-deb", "-x", str(deb), str(root)])
@@ -159,7 +167,7 @@ def _download_sources(work: Path, debian_version: str) -> tuple[Path, Path | Non
     if have_open and (root / "usr/src/nvidia-open-kernel.tar.xz").exists():
         _run(["tar", "-xJf", str(root / "usr/src/nvidia-open-kernel.tar.xz"), "-C", str(trees)])
         opn = trees / "modules" / "nvidia-open-kernel"
-    return prop, opn
+    return prop, opn, actual
 
 
 def _lay_out(pkg: Path, prop: Path, opn: Path | None, version: str) -> None:
@@ -222,12 +230,13 @@ def _tar_payload(pkg: Path, out: Path) -> None:
             raise RuntimeError("gzip failed")
 
 
-def build_run(dest: Path, debian_version: str = DEBIAN_VERSION) -> NvidiaRun:
-    version = debian_version.split("-")[0]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nvrun-", dir=dest.parent) as td:
+def build_run(directory: Path, debian_version: str = DEBIAN_VERSION) -> NvidiaRun:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nvrun-", dir=directory) as td:
         work = Path(td)
-        prop, opn = _download_sources(work, debian_version)
+        prop, opn, debian_version = _download_sources(work, debian_version)
+        version = debian_version.split("-")[0].split(":")[-1]
+        dest = directory / f"NVIDIA-Linux-{ARCH}-{version}.run"
         pkg = work / (f"NVIDIA-Linux-{ARCH}-{version}")
         _lay_out(pkg, prop, opn, version)
         payload = work / "payload.tar.gz"
@@ -255,16 +264,14 @@ def build_run(dest: Path, debian_version: str = DEBIAN_VERSION) -> NvidiaRun:
 
 def nvidia_run(cache_dir: str | os.PathLike[str] | None = None, debian_version: str = DEBIAN_VERSION) -> NvidiaRun:
     """The cached NVIDIA-style .run (built on first use: about 1 minute)."""
-    version = debian_version.split("-")[0]
     d = cache_root(cache_dir) / "nvidia" / recipe_key(debian_version)
-    path = d / (f"NVIDIA-Linux-{ARCH}-{version}.run")
-    meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file():
+    for meta_path in sorted(d.glob("NVIDIA-Linux-*.json")):
         meta = json.loads(meta_path.read_text())
-        if _sha256(path) == meta["sha256"]:
-            return NvidiaRun(path=path, version=version, sha256=meta["sha256"], arch=ARCH,
-                             has_open=meta["has_open"], debian_version=debian_version)
-    return build_run(path, debian_version)
+        path = meta_path.with_suffix(".run")
+        if path.is_file() and _sha256(path) == meta["sha256"]:
+            return NvidiaRun(path=path, version=meta["version"], sha256=meta["sha256"], arch=ARCH,
+                             has_open=meta["has_open"], debian_version=meta["deb"])
+    return build_run(d, debian_version)
 
 
 if __name__ == "__main__":

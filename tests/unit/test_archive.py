@@ -9,6 +9,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -184,6 +185,7 @@ def test_file_store_round_trip_and_idempotence(build: Path, store: FileStore, tm
     assert pulled["changed"] and pulled["sha256"] == first["sha256"]
     assert ar.verify_tree(str(dest), manifest_of(dest)) == []
     assert (dest / "lib/libnvidia-ml.so.1").is_symlink()
+    assert dest.stat().st_mode & 0o777 == 0o755 and (dest / "bin/nvidia-smi").stat().st_mode & 0o777 == 0o755
     requests = store.requests
     noop = ops.pull(str(dest), store, IDENTITY, "stable")
     assert not noop["changed"] and store.requests - requests == 1
@@ -326,3 +328,93 @@ def test_failed_push_leaves_nothing_behind(build: Path, store: FileStore) -> Non
         ops.push(str(build), store, {})
     assert [p.name for p in build.parent.iterdir() if p.name.startswith(".kmod_archive-")] == []
     assert store.head(KEY) is None and "archive" not in manifest_of(build)
+
+
+def test_module_utils_import_without_boto3(tmp_path: Path) -> None:
+    """archive/stores/s3store/lease import with boto3 unavailable; an s3 store then fails clearly."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('boto3', 'botocore'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops, lease, s3store, stores\n"
+        "assert not s3store.HAS_BOTO3 and 'blocked' in s3store.BOTO3_IMPORT_ERROR\n"
+        "try:\n"
+        "    stores.open_store('s3://bucket/prefix', {})\n"
+        "except stores.StoreError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert "needs the Python library boto3" in out.stdout
+
+
+def test_store_outage_keeps_the_local_build(build: Path, store: FileStore, tmp_path: Path) -> None:
+    ops.push(str(build), store, {})
+    dest = tmp_path / "dest"
+    ops.pull(str(dest), store, IDENTITY, "stable")
+    snapshot = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    down = open_store("http://127.0.0.1:9/unreachable", {"connect_timeout": 2})
+    res = ops.pull(str(dest), down, IDENTITY, "stable")
+    assert not res["changed"] and "unreachable" in res["remote_error"]
+    with pytest.raises(StoreError, match="unreachable"):
+        ops.pull(str(tmp_path / "other"), down, IDENTITY, "stable")
+    assert not (tmp_path / "other").exists()
+    assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == snapshot
+
+
+def test_legacy_root_detection(tmp_path: Path) -> None:
+    """Older uploads of the original tool held ./out/...; an archive with no lib/modules is refused."""
+    out_layout = _evil(tmp_path / "out.tar.gz", _member("./out/lib/modules/6.1.0-47-amd64/nvidia.ko"),
+                       _member("./out/bin/nvidia-smi"))
+    assert ar.find_legacy_root(str(out_layout), "nvidia", "535.261.03") == "out/"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    written = ar.extract_archive(str(out_layout), str(staging), "out/")
+    assert set(written) == {"lib/modules/6.1.0-47-amd64/nvidia.ko", "bin/nvidia-smi"}
+    nothing = _evil(tmp_path / "none.tar.gz", _member("README"))
+    with pytest.raises(ar.ArchiveError, match="cannot find the build"):
+        ar.find_legacy_root(str(nothing), "nvidia", "535.261.03")
+
+
+def _race_for_lease(args: tuple[str, str, str]) -> bool:
+    root, key, owner = args
+    store = open_store(f"file://{root}")
+    return ls.acquire(store, key, owner, ttl=60, wait=0).acquired
+
+
+def test_four_processes_one_file_lease(store: FileStore) -> None:
+    import multiprocessing
+
+    key = ar.lease_key(KEY)
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        won = pool.map(_race_for_lease, [(store.root, key, f"host-{i}") for i in range(4)])
+    assert sum(won) == 1, won
+
+
+def test_pull_replaces_another_build_atomically(store: FileStore, tmp_path: Path) -> None:
+    first = make_build(tmp_path / "a")
+    second = make_build(tmp_path / "b", ident={"kernel_release": "6.1.0-50-amd64"}, seed=3)
+    ops.push(str(first), store, {})
+    ops.push(str(second), store, {})
+    dest = tmp_path / "dest"
+    ops.pull(str(dest), store, IDENTITY, "stable")
+    res = ops.pull(str(dest), store, dict(IDENTITY, kernel_release="6.1.0-50-amd64"), "stable")
+    assert res["changed"] and res["diff"]["before"]["key"] == KEY
+    assert manifest_of(dest)["kernel_release"] == "6.1.0-50-amd64"
+    assert not (dest / "lib/modules/6.1.0-47-amd64").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dest", "store"]
+
+
+def test_lock_check_mode_predicts_without_touching(store: FileStore) -> None:
+    lkey = ar.lease_key(KEY)
+    res = ops.lock(store, IDENTITY, "me", 60, 0, 1, check_mode=True)
+    assert res["changed"] and not res["lock"]["acquired"] and store.read_small(lkey) is None
+    assert ops.lock(store, IDENTITY, "me", 60, 0, 1)["changed"]
+    assert not ops.lock(store, IDENTITY, "me", 60, 0, 1, check_mode=True)["changed"]  # a renewal
+    assert not ops.lock(store, IDENTITY, "me", 60, 0, 1)["changed"]
+    assert ops.unlock(store, IDENTITY, "me", check_mode=True)["changed"] and store.read_small(lkey) is not None
+    assert not ops.unlock(store, IDENTITY, "other")["changed"]
+    assert ops.unlock(store, IDENTITY, "me")["changed"] and store.read_small(lkey) is None
