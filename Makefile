@@ -32,7 +32,12 @@ collection:
 	@mkdir -p $(COLLROOT)/ansible_collections/modulus
 	@ln -sfn $(CURDIR) $(COLL)
 
+# ansible-test bootstraps pip in its venvs with a script from a host these machines cannot reach:
+# put our offline equivalent (ensurepip + the system CA bundle) where it looks first.
+ANSIBLE_TEST_GET_PIP := $(HOME)/.ansible/test/cache/get_pip_24_2.py
+
 sanity: $(VENV)/.installed
+	@mkdir -p $(dir $(ANSIBLE_TEST_GET_PIP)) && cp scripts/ansible-test-get-pip.py $(ANSIBLE_TEST_GET_PIP)
 	rm -rf $(SANITY_ROOT) && mkdir -p $(SANITY)
 	git ls-files -z --cached --others --exclude-standard | \
 	  grep -zv -E '^(tests/sim|tests/integration|tests/unit|benchmarks|scripts|\.ci)/' | \

@@ -568,8 +568,8 @@ def run_in_image(image_path: str, command: list[str], binds_ro: Optional[list[tu
         finally:
             stack.close()
             _remove_workspace(workspace)
-            log_handle.write(("=== rc={}{} in {:.1f} s\n".format(rc, " (timed out)" if timed_out else "",
-                                                            time.monotonic() - started)).encode("utf-8"))
+            took = time.monotonic() - started
+            log_handle.write("=== rc={}{} in {:.1f} s\n".format(rc, " (timed out)" if timed_out else "", took).encode("utf-8"))
     if stack.errors:
         raise DevcontainerError("cleanup after the run left problems: {}".format("; ".join(stack.errors)))
     return RunResult(rc=rc, output_tail=_tail(log_path, start_offset), log_path=log_path, timed_out=timed_out,
@@ -810,18 +810,22 @@ def _ensure(req: Request, p: dict, result: dict, check_mode: bool, log: LogFn) -
                 except BaseException:
                     _cleanup_empty(entry)
                     raise
-                info = image_info(entry.image_path)
-                problem = _mismatch(info, resolved.version, p["board"])
-                if problem:
+                try:
+                    info = image_info(entry.image_path)
+                    problem = _mismatch(info, resolved.version, p["board"])
+                    if problem:
+                        raise DevcontainerError(f"{fetched.url} is signed but {problem}: removed it")
+                    meta = write_metadata(entry, {
+                        "verified": True, "url": fetched.url, "sig_url": fetched.sig_url,
+                        "fingerprint": fetched.primary_fingerprint, "signing_fingerprint": fetched.signing_fingerprint,
+                        "compressed_size": fetched.compressed_size, "compressed_sha256": fetched.compressed_sha256,
+                        "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "kernel_releases": info.kernel_releases, "channel": p["channel"],
+                    })
+                except BaseException:
+                    # an image without its metadata would never count as cached: do not keep it around
                     shutil.rmtree(entry.directory, ignore_errors=True)
-                    raise DevcontainerError(f"{fetched.url} is signed but {problem}: removed it")
-                meta = write_metadata(entry, {
-                    "verified": True, "url": fetched.url, "sig_url": fetched.sig_url,
-                    "fingerprint": fetched.primary_fingerprint, "signing_fingerprint": fetched.signing_fingerprint,
-                    "compressed_size": fetched.compressed_size, "compressed_sha256": fetched.compressed_sha256,
-                    "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "kernel_releases": info.kernel_releases, "channel": p["channel"],
-                })
+                    raise
                 result.update({"changed": True, "fetch": {
                     "duration": round(fetched.duration, 3), "attempts": fetched.attempts,
                     "decompressor": fetched.decompressor, "source": fetched.source, "tried": fetched.tried,

@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 from typing import Optional
 
+from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
+from ansible.module_utils.urls import SSLValidationError
+from ansible.module_utils.urls import open_url as ansible_open_url
+
 from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
     fsync_dir,
@@ -74,7 +78,8 @@ def render_template(option: str, template: str, fields: dict[str, str]) -> str:
     try:
         url = template.format(**fields)
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError("{}={!r} uses an unknown or malformed placeholder ({}); known: {}".format(option, template, exc, ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS))) from exc
+        known = ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
+        raise ValueError(f"{option}={template!r} uses an unknown or malformed placeholder ({exc}); known: {known}") from exc
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https", "file"):
         raise ValueError(f"{option}={template!r} gives {url!r}: only https://, http:// and file:// URLs are supported")
@@ -148,15 +153,9 @@ def open_url(url: str, timeout: float, validate_certs: bool = True) -> Response:
         except OSError as exc:
             raise FetchError(f"cannot open {url}: {exc}") from exc
         return Response(handle, os.fstat(handle.fileno()).st_size, url)
-    context = None
-    if parsed.scheme == "https":
-        context = ssl.create_default_context()
-        if not validate_certs:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     try:
-        handle = urllib.request.urlopen(request, timeout=timeout, context=context)
+        handle = ansible_open_url(url, headers={"Accept-Encoding": "identity"}, http_agent=USER_AGENT,
+                                  timeout=timeout, validate_certs=validate_certs, follow_redirects="safe")
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
@@ -168,7 +167,9 @@ def open_url(url: str, timeout: float, validate_certs: bool = True) -> Response:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
             raise FetchError(f"{url}: TLS certificate verification failed: {exc.reason} (validate_certs)") from exc
         raise TransientError(f"{url}: {exc.reason}") from exc
-    except (socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError) as exc:
+    except SSLValidationError as exc:
+        raise FetchError(f"{url}: TLS certificate verification failed: {exc} (validate_certs)") from exc
+    except (socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError, UrlsConnectionError) as exc:
         raise TransientError(f"{url}: {exc}") from exc
     length = handle.headers.get("Content-Length")
     try:
@@ -504,7 +505,8 @@ class _Progress:
         rate = done / max(now - self.started, 1e-6)
         pct = " %5.1f%%" % (100.0 * done / self.total) if self.total else ""
         of = f" of {human_bytes(self.total)}" if self.total else ""
-        self.log(f"{self.label}:{pct} {human_bytes(done)}{of} at {human_bytes(rate)}/s, image {human_bytes(writer.pos)} ({human_bytes(writer.written)} on disk)")
+        self.log(f"{self.label}:{pct} {human_bytes(done)}{of} at {human_bytes(rate)}/s, "
+                 f"image {human_bytes(writer.pos)} ({human_bytes(writer.written)} on disk)")
 
 
 def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, timeout: float, validate_certs: bool,

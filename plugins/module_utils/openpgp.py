@@ -92,7 +92,8 @@ class Keyring:
         self.gpg = require_tool("gpg")
 
     def _gpg(self, args: list[str], stdin: Optional[bytes] = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        assert self.home is not None
+        if self.home is None:
+            raise OpenPGPError("internal error: the keyring was used before it was set up")
         return subprocess.run([self.gpg, "--homedir", self.home, "--batch", "--no-tty", "--no-auto-key-retrieve"] + args,
                               input=stdin, capture_output=True, timeout=timeout,
                               check=False, env=self.env())
@@ -192,7 +193,9 @@ def judge_status(status_text: str, expected_primaries: list[str], returncode: in
         return VerifyResult(False, "not every signature in the signature file is good", status=lines)
     for signing, primary in signers:
         if primary not in expected_primaries:
-            return VerifyResult(False, "signed by key {} (primary {}), which is not the expected {}".format(signing, primary, ", ".join(expected_primaries)), signing, primary, lines)
+            expected = ", ".join(expected_primaries)
+            return VerifyResult(False, f"signed by key {signing} (primary {primary}), which is not the expected {expected}",
+                                signing, primary, lines)
     if returncode != 0:
         return VerifyResult(False, f"gpg exited with rc={returncode} despite GOODSIG", status=lines)
     return VerifyResult(True, f"good signature from {signers[0][1]}", signers[0][0], signers[0][1], lines)
@@ -202,7 +205,8 @@ class StreamVerifier:
     """``gpg --verify SIG -`` fed chunk by chunk; ``finish()`` closes the input and judges the result."""
 
     def __init__(self, keyring: Keyring, sig_path: str) -> None:
-        assert keyring.home is not None
+        if keyring.home is None:
+            raise OpenPGPError("internal error: the keyring was used before it was set up")
         self.keyring = keyring
         self.broken = False
         self._status = tempfile.TemporaryFile(dir=keyring.home)  # noqa: SIM115 - closed in finish()/abort()

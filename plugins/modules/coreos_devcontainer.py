@@ -497,9 +497,10 @@ def main() -> None:
         request = build_request(params)
         result = ensure(request, check_mode=module.check_mode, log=ProgressLog(module, fetch_log))
     except (RequestError, ValueError) as exc:
-        module.fail_json(msg=to_native(exc))
+        module.fail_json(msg=to_native(exc), fetch_log=fetch_log)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear fail_json
-        module.fail_json(msg=f"{type(exc).__name__}: {to_native(exc)}", exception=traceback.format_exc())
+        module.fail_json(msg=f"{type(exc).__name__}: {to_native(exc)}", exception=traceback.format_exc(),
+                         fetch_log=fetch_log)
     result["fetch_log"] = fetch_log
     if request is not None and request.command and "rc" in result and (result["rc"] != 0 or result.get("timed_out")):
         why = f"timed out after {request.run_timeout} s" if result.get("timed_out") else f"exited with rc={result['rc']}"

@@ -24,18 +24,18 @@ def run_module(args: dict, check: bool = False) -> dict:
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO / "build" / "collections"),
                ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false", ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=str(REPO / ".venv" / "bin" / "python"))
-    cmd = [str(ANSIBLE) if ANSIBLE.exists() else "ansible", "localhost", "--one-line", "-m", MODULE, "-a",
-           json.dumps(args)]
+    cmd = [str(ANSIBLE) if ANSIBLE.exists() else "ansible", "localhost", "-m", MODULE, "-a", json.dumps(args)]
     if check:
         cmd.append("--check")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800, check=False)
-    try:  # "localhost | CHANGED => {...}" on one line (the oneline callback)
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("localhost | "))
-        result = json.loads(line.split(" => ", 1)[1])
-        if "FAILED" in line.split(" => ", 1)[0]:
+    try:  # the minimal callback: "localhost | CHANGED => {" then the JSON result
+        start = proc.stdout.index("localhost | ")
+        status, _sep, body = proc.stdout[start:].partition(" => ")
+        result = json.loads(body)
+        if "FAILED" in status:
             result["failed"] = True
         return result
-    except (StopIteration, ValueError, IndexError) as exc:
+    except ValueError as exc:
         raise AssertionError(f"unexpected ansible output (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from exc
 
 
@@ -261,6 +261,9 @@ def test_keep_prunes_and_absent_removes(kit: Kit, release_server: ReleaseServer,
     root = host_root_factory(update="need_reboot")
     current, pending = kit.releases["current"], kit.releases["pending"]
     board_dir = shared_cache / current.board
+    for release, update in (("current", "idle"), ("pending", "need_reboot")):  # no-ops after the tests above
+        res = run_module(base_args(kit, release_server, host_root_factory(update=update), shared_cache, release=release))
+        assert not res.get("failed"), res.get("msg")
     assert {current.version, pending.version} <= {p.name for p in board_dir.iterdir()}
     # an old leftover version that keep=2 must prune (current and pending are protected)
     old = board_dir / "9000.0.0"

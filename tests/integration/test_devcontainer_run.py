@@ -94,3 +94,15 @@ def test_a_bad_image_fails_before_mounting(tmp_path: Path) -> None:
     with pytest.raises(DevcontainerError, match="does not exist"):
         run_in_image(str(tmp_path / "missing.bin"), ["true"], method=METHODS[0])
     assert mounts_under(str(tmp_path)) == []
+
+
+@pytest.mark.skipif("overlay" not in METHODS, reason="systemd-nspawn is not installed")
+def test_overlay_upper_on_a_scratch_dir(kit: Kit, tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    res = run_in_image(str(kit.releases["current"].image_raw),
+                       ["/bin/sh", "-c", "head -c 8388608 /dev/zero > /var/tmp/big && ls -l /var/tmp/big"],
+                       timeout=120, log_path=str(tmp_path / "s.log"), method="overlay", scratch_dir=str(scratch))
+    assert res.rc == 0, res.output_tail
+    assert list(scratch.iterdir()) == []  # the workspace is gone again
+    assert mounts_under(str(tmp_path)) == []
