@@ -65,6 +65,13 @@ def identity_from_manifest(manifest: dict[str, Any]) -> dict[str, Optional[str]]
     return ident
 
 
+def default_module_type(driver: Optional[str]) -> str:
+    """The variant a fetch looks for when none is given: NVIDIA builds always record proprietary or
+    open (kmod_build resolves ``auto``), the proprietary modules being Flatcar's own default; builds
+    without a module type are stored as ``default``."""
+    return "proprietary" if (driver or "").lower() == "nvidia" else "default"
+
+
 def _component(name: str, value: Optional[str]) -> str:
     if value is None or value == "":
         raise ArchiveError(f"{name} is required to derive the archive key")

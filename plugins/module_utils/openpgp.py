@@ -127,7 +127,9 @@ class Keyring:
     def close(self) -> None:
         if self.home and os.path.isdir(self.home):
             gpgconf = which("gpgconf")
-            if gpgconf and any(name.startswith("S.") for name in os.listdir(self.home)):
+            # Importing a key may start gpg-agent; its sockets can live under /run/user/<uid>/gnupg rather
+            # than in the home, so always ask gpgconf to stop whatever belongs to this home.
+            if gpgconf:
                 subprocess.run([gpgconf, "--homedir", self.home, "--kill", "all"], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, env=self.env())
             shutil.rmtree(self.home, ignore_errors=True)

@@ -75,9 +75,11 @@ options:
     description: Driver version. Required unless O(state=present).
     type: str
   module_type:
-    description: Module variant, for example V(proprietary) or V(open).
+    description:
+      - Module variant as kmod_build recorded it, for example V(proprietary) or V(open) for NVIDIA.
+      - Defaults to V(proprietary) for O(driver=nvidia) and to V(default) (builds without a module type,
+        such as the generic recipe's) for every other driver.
     type: str
-    default: proprietary
   signing_key_fingerprint:
     description: Fingerprint of the key that signed the modules (unsigned builds when not set).
     type: str
@@ -230,12 +232,16 @@ lock:
 
 import traceback  # noqa: E402  (Ansible modules import after their documentation)
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops  # noqa: E402
-from ansible_collections.modulus.kmods.plugins.module_utils.archive import IDENTITY_FIELDS, ArchiveError  # noqa: E402
-from ansible_collections.modulus.kmods.plugins.module_utils.lease import default_owner  # noqa: E402
-from ansible_collections.modulus.kmods.plugins.module_utils.stores import (  # noqa: E402
+from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
+from ansible_collections.modulus.kmods.plugins.module_utils.archive import (
+    IDENTITY_FIELDS,
+    ArchiveError,
+    default_module_type,
+)
+from ansible_collections.modulus.kmods.plugins.module_utils.lease import default_owner
+from ansible_collections.modulus.kmods.plugins.module_utils.stores import (
     STORE_ARGUMENT_SPEC,
     StoreError,
     open_store,
@@ -255,7 +261,7 @@ def argument_spec() -> dict:
         kernel_release=dict(type="str"),
         driver=dict(type="str"),
         driver_version=dict(type="str"),
-        module_type=dict(type="str", default="proprietary"),
+        module_type=dict(type="str"),
         signing_key_fingerprint=dict(type="str", no_log=False),
         legacy=dict(type="bool", default=True),
         remote_check=dict(type="bool", default=True),
@@ -307,6 +313,7 @@ def main() -> None:
                     module.fail_json(msg=missing_required_lib("boto3"), exception=s3store.BOTO3_IMPORT_ERROR)
         store = open_store(p["store"], p)
         ident = {field: p[field] for field in IDENTITY_FIELDS}
+        ident["module_type"] = p["module_type"] or default_module_type(p["driver"])
         owner = p["lock_owner"] or default_owner()
         state = p["state"]
         if state == "present":

@@ -418,3 +418,12 @@ def test_lock_check_mode_predicts_without_touching(store: FileStore) -> None:
     assert ops.unlock(store, IDENTITY, "me", check_mode=True)["changed"] and store.read_small(lkey) is not None
     assert not ops.unlock(store, IDENTITY, "other")["changed"]
     assert ops.unlock(store, IDENTITY, "me")["changed"] and store.read_small(lkey) is None
+
+
+def test_default_module_type_follows_the_driver() -> None:
+    from ansible_collections.modulus.kmods.plugins.module_utils.archive import default_module_type
+
+    assert default_module_type("nvidia") == "proprietary"
+    assert default_module_type("NVIDIA") == "proprietary"
+    assert default_module_type("modulus-hello") == "default"
+    assert default_module_type(None) == "default"
