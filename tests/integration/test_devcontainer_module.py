@@ -11,32 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from sim import ansible_run
 from sim.kit import Kit, ReleaseServer
 
 REPO = Path(__file__).resolve().parents[2]
-ANSIBLE = REPO / ".venv" / "bin" / "ansible"
 MODULE = "modulus.kmods.coreos_devcontainer"
 NAME = "flatcar_developer_container.bin.bz2"
 
 
 def run_module(args: dict, check: bool = False) -> dict:
     """Run the module once through the ansible CLI; return its result (with 'failed' set on failure)."""
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO / "build" / "collections"),
-               ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false", ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="false",
-               ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=str(REPO / ".venv" / "bin" / "python"))
-    cmd = [str(ANSIBLE) if ANSIBLE.exists() else "ansible", "localhost", "-m", MODULE, "-a", json.dumps(args)]
-    if check:
-        cmd.append("--check")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800, check=False)
-    try:  # the minimal callback: "localhost | CHANGED => {" then the JSON result
-        start = proc.stdout.index("localhost | ")
-        status, _sep, body = proc.stdout[start:].partition(" => ")
-        result = json.loads(body)
-        if "FAILED" in status:
-            result["failed"] = True
-        return result
-    except ValueError as exc:
-        raise AssertionError(f"unexpected ansible output (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from exc
+    return ansible_run.run_module(MODULE, args, check=check)[0]
 
 
 def base_args(kit: Kit, server: ReleaseServer, host_root: Path, cache: Path, **extra: object) -> dict:

@@ -3,8 +3,6 @@ moto_server (S3 over HTTP on 127.0.0.1), a file:// directory and a read-only htt
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -14,51 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from sim import ansible_run
 from sim.kmod_archive_fixtures import IDENT, make_build, make_legacy_archive, manifest_of
 from sim.s3 import TEST_KEY_ID, TEST_SECRET, MotoServer, client, enable_auth, free_port, new_bucket, s3_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-ANSIBLE = str(Path(sys.executable).parent / "ansible")
+MODULE = "modulus.kmods.kmod_archive"
 NAMING = {k: IDENT[k] for k in ("os_version", "kernel_release", "driver", "driver_version")}
 
 
-def ansible_env() -> dict:
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
-        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "false",
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-    })
-    return env
-
-
 def module_cmd(args: dict, check: bool = False, diff: bool = False, verbose: bool = False) -> list[str]:
-    cmd = [ANSIBLE, "localhost", "-m", "modulus.kmods.kmod_archive", "-a", json.dumps(args)]
-    if check:
-        cmd.append("--check")
-    if diff:
-        cmd.append("--diff")
-    if verbose:
-        cmd.append("-vvv")
-    return cmd
-
-
-def parse(out: str) -> dict:
-    idx = out.rfind("localhost | ")
-    assert idx >= 0, out
-    start = out.index("=> ", idx)
-    result = json.loads(out[start + 3:])
-    result.setdefault("failed", "FAILED!" in out[idx:start])
-    return result
+    return ansible_run.module_cmd(MODULE, args, check, diff, verbose)
 
 
 def run(args: dict, check: bool = False, diff: bool = False, verbose: bool = False) -> tuple[dict, str]:
-    proc = subprocess.run(module_cmd(args, check, diff, verbose), env=ansible_env(), capture_output=True,
-                          text=True, timeout=300, check=False)
-    return parse(proc.stdout), proc.stdout + proc.stderr
+    return ansible_run.run_module(MODULE, args, check=check, diff=diff, verbose=verbose, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +101,12 @@ def test_s3_legacy_archive_is_imported(endpoint: str, tmp_path: Path) -> None:
 def test_four_concurrent_processes_one_gets_the_lock(endpoint: str) -> None:
     bucket = new_bucket(endpoint)
     args = dict(s3_args(endpoint, bucket), state="locked", lock_ttl=600, **NAMING)
-    procs = [subprocess.Popen(module_cmd(dict(args, lock_owner=f"host-{i}")), env=ansible_env(),
+    procs = [subprocess.Popen(module_cmd(dict(args, lock_owner=f"host-{i}")), env=ansible_run.ansible_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
-        results.append(parse(out))
+        results.append(ansible_run.parse_result(out))
     winners = [r for r in results if r["lock"]["acquired"]]
     assert len(winners) == 1, results
     owner = winners[0]["lock"]["owner"]
@@ -160,12 +128,12 @@ def test_lock_waits_until_the_build_appears(endpoint: str, tmp_path: Path) -> No
     first, _ = run(dict(args, lock_owner="builder"))
     assert first["lock"]["acquired"]
     waiter = subprocess.Popen(module_cmd(dict(args, lock_owner="waiter", lock_wait=120, lock_poll=0.5)),
-                              env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=ansible_run.ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
     src = make_build(tmp_path / "src")
     run(dict(s3_args(endpoint, bucket), src=str(src)))
     out, _ = waiter.communicate(timeout=120)
-    res = parse(out)
+    res = ansible_run.parse_result(out)
     assert not res["lock"]["acquired"] and res["lock"]["archive_exists"], res
 
 

@@ -1,0 +1,61 @@
+"""Run one of the collection's modules the way Ansible runs it (``ansible localhost -m``), for the
+integration tests: the real AnsiballZ packaging, argument validation, check and diff mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE = str(Path(sys.executable).parent / "ansible")
+
+
+def ansible_env() -> dict[str, str]:
+    """The environment for ansible commands: this checkout's collection, this interpreter, no colour."""
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "build" / "collections"),
+        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "false",
+        "ANSIBLE_LOCALHOST_WARNING": "false",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+    })
+    return env
+
+
+def module_cmd(module: str, args: dict, check: bool = False, diff: bool = False, verbose: bool = False) -> list[str]:
+    cmd = [ANSIBLE, "localhost", "-m", module, "-a", json.dumps(args)]
+    if check:
+        cmd.append("--check")
+    if diff:
+        cmd.append("--diff")
+    if verbose:
+        cmd.append("-vvv")
+    return cmd
+
+
+def parse_result(out: str) -> dict:
+    """The result of the default (minimal) callback: ``localhost | CHANGED => {json}``; ``failed`` is
+    set when the status says FAILED."""
+    idx = out.rfind("localhost | ")
+    if idx < 0:
+        raise AssertionError(f"no module result in the ansible output:\n{out}")
+    status, _sep, body = out[idx:].partition(" => ")
+    result = json.loads(body)
+    result.setdefault("failed", "FAILED" in status)
+    return result
+
+
+def run_module(module: str, args: dict, *, check: bool = False, diff: bool = False, verbose: bool = False,
+               timeout: float = 1800) -> tuple[dict, str]:
+    """Run ``module`` once; return its result and the whole output (stdout then stderr)."""
+    proc = subprocess.run(module_cmd(module, args, check, diff, verbose), env=ansible_env(), cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        return parse_result(proc.stdout), proc.stdout + proc.stderr
+    except ValueError as exc:
+        raise AssertionError(f"unexpected ansible output (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from exc
