@@ -40,7 +40,7 @@ sanity: $(VENV)/.installed
 	@mkdir -p $(dir $(ANSIBLE_TEST_GET_PIP)) && cp scripts/ansible-test-get-pip.py $(ANSIBLE_TEST_GET_PIP)
 	rm -rf $(SANITY_ROOT) && mkdir -p $(SANITY)
 	git ls-files -z --cached --others --exclude-standard | \
-	  grep -zv -E '^(tests/sim|tests/integration|tests/unit|benchmarks|scripts|\.ci)/' | \
+	  grep -zv -E '^(tests/sim|tests/integration|benchmarks|scripts|\.ci)/' | \
 	  xargs -0 -I{} cp --parents -P {} $(SANITY)/ 2>/dev/null || true
 	# ansible-test lists files through git; the copy lives in an ignored folder, so give it its own repository.
 	cd $(SANITY) && git init -q && git add -A && $(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no $(SANITY_ARGS)

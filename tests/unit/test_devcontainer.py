@@ -85,8 +85,8 @@ def host_root(tmp_path: Path, version: str = "9001.1.0", group: str = "stable", 
 
 @NEEDS_TOOLS
 def test_image_info_reads_kernels_and_release_without_mounting(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "img.bin", "9001.2.0", {"6.1.0-50-amd64": True, "6.1.0-9-amd64": True,
-                                                           "6.1.0-10-amd64": False})
+    kernels = {"6.1.0-50-amd64": True, "6.1.0-9-amd64": True, "6.1.0-10-amd64": False}
+    image = make_image(tmp_path / "img.bin", "9001.2.0", kernels)
     info = dc.image_info(str(image))
     assert info.kernel_releases == ["6.1.0-9-amd64", "6.1.0-50-amd64"]  # numeric order, only those with build
     assert (info.version, info.board, info.root_offset, info.root_size) == ("9001.2.0", "amd64-usr", 2097152, 8 << 20)
