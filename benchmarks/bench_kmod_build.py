@@ -105,7 +105,11 @@ def main() -> None:
             print(f"run {i + 1}: plain make            {t:8.1f} s", flush=True)
             t, res = run_module(dict(args, force=True))
             kb_times.append(t)
-            print(f"run {i + 1}: kmod_build (ansible)  {t:8.1f} s  changed={res['changed']}", flush=True)
+            phases = [ln.split("modulus: ", 1)[1] for ln in (dest / "build.log").read_text().splitlines()
+                      if ln.startswith("modulus: [+")]
+            print("   in the container: " + " | ".join(phases), flush=True)
+            print(f"run {i + 1}: kmod_build (ansible)  {t:8.1f} s  changed={res['changed']} {res.get('timings')}",
+                  flush=True)
             t, res = run_module(args)
             assert res["changed"] is False, res
             second_wall.append(t)

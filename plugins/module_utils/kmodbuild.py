@@ -34,7 +34,6 @@ import tarfile
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -541,25 +540,34 @@ def utc_now() -> str:
 # --------------------------------------------------------------------------- fetching sources
 
 
-def download(url: str, dest_path: str, timeout: float, validate_certs: bool = True, log: Optional[LogFn] = None) -> str:
-    """Stream ``url`` into ``dest_path`` (temp + rename); return its sha256."""
-    import ssl
-    ctx = None
-    if url.startswith("https:") and not validate_certs:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+def download(url: str, dest_path: str, timeout: float, validate_certs: bool = True, log: Optional[LogFn] = None,
+             retries: int = 3) -> str:
+    """Stream ``url`` into ``dest_path`` (temp + rename, retried on transient errors); return its sha256."""
+    from ansible_collections.modulus.kmods.plugins.module_utils import fetch
+
     tmp = dest_path + ".part"
-    h = hashlib.sha256()
+
+    def once() -> str:
+        h = hashlib.sha256()
+        resp = fetch.open_url(url, timeout, validate_certs)
+        got = 0
+        try:
+            with open(tmp, "wb") as out:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+        finally:
+            resp.close()
+        if resp.length is not None and got != resp.length:
+            raise fetch.TransientError(f"{url}: got {got} of {resp.length} bytes")
+        return h.hexdigest()
+
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "modulus.kmods kmod_build"})
-        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp, open(tmp, "wb") as out:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                h.update(chunk)
-                out.write(chunk)
+        digest = fetch.with_retries(once, f"download of {url}", retries, 2.0, log or (lambda _m: None))
         os.replace(tmp, dest_path)
     except Exception as exc:
         if os.path.exists(tmp):
@@ -567,7 +575,7 @@ def download(url: str, dest_path: str, timeout: float, validate_certs: bool = Tr
         raise BuildError(f"download of {url} failed: {exc}") from exc
     if log:
         log(f"downloaded {url} ({os.path.getsize(dest_path)} bytes)")
-    return h.hexdigest()
+    return digest
 
 
 def safe_extract_tar(archive: str, target: str) -> None:
@@ -612,7 +620,10 @@ def prepare_source(r: Resolved, tmp: str, log: LogFn) -> tuple[str, str]:
     if r.req.recipe == "nvidia":
         run_path = os.path.join(tmp, "in", "driver.run")
         if r.source_kind == "file":
-            shutil.copyfile(r.source, run_path)
+            try:  # a hard link when the file is on the same filesystem: no 100+ MB copy
+                os.link(r.source, run_path)
+            except OSError:
+                shutil.copyfile(r.source, run_path)
             digest = sha256_file(run_path)
         else:
             log(f"downloading {r.source}")
@@ -673,7 +684,8 @@ def build_script(r: Resolved, jobs: int, signing: bool) -> str:
         f"KVER={kver}",
         f"W={WORK_DIR}",
         "JOBS=%s" % (str(int(jobs)) if jobs > 0 else "$(nproc 2>/dev/null || echo 2)"),
-        'log() { echo "modulus: $*"; }',
+        'T0=$(date +%s)',
+        'log() { echo "modulus: [+$(( $(date +%s) - T0 )) s] $*"; }',
         'log "target kernel $KVER (uname -r inside is the host\'s: $(uname -r))"',
         'BUILD=/lib/modules/$KVER/build',
         f"LEGACY={q(req.legacy_prepare)}",
@@ -706,6 +718,7 @@ def build_script(r: Resolved, jobs: int, signing: bool) -> str:
             f'[ -d "$W/tree/{kdir}" ] || {{ log "the archive has no {kdir}/ directory (kernel_module_type={r.module_type})"; exit 4; }}',
             f'log "building {kdir} modules: make -j$JOBS KERNEL_UNAME=$KVER $EXTRA {margs} modules"',
             f'make -C "$W/tree/{kdir}" -j"$JOBS" KERNEL_UNAME="$KVER" $EXTRA {margs} modules',
+            'log "make done"',
             f'MODDIR="$W/tree/{kdir}"',
         ]
     else:
@@ -716,10 +729,12 @@ def build_script(r: Resolved, jobs: int, signing: bool) -> str:
             f'[ -d "$MODDIR" ] || {{ log "subdir {q(sub)} does not exist in the source"; exit 4; }}',
             f'log "building: make -C $BUILD M=$MODDIR -j$JOBS $EXTRA {margs} modules"',
             f'make -C "$BUILD" M="$MODDIR" -j"$JOBS" $EXTRA {margs} modules',
+            'log "make done"',
         ]
     if signing:
         s = req.signing
-        assert s is not None
+        if s is None:
+            raise InputError("signing requested without signing_key and signing_cert")
         lines += [
             "SIGN=",
             'for c in "$BUILD/scripts/sign-file" /usr/src/linux/scripts/sign-file /usr/lib/linux-kbuild-*/scripts/sign-file; do',
@@ -832,7 +847,7 @@ def stage_output(r: Resolved, tmp: str, source_sha256: str, log_path: str, log: 
     for mi in infos:
         base = os.path.basename(mi.path)
         target = os.path.join(kmod_dir, base)
-        shutil.copyfile(mi.path, target)
+        os.replace(mi.path, target)  # same filesystem: a rename, not a copy
         os.chmod(target, 0o644)
         records.append(module_record(mi, f"lib/modules/{r.kernel_release}/{base}"))
     if r.req.recipe == "nvidia":
@@ -889,9 +904,12 @@ def stage_output(r: Resolved, tmp: str, source_sha256: str, log_path: str, log: 
     }
     manifest["files"] = list_files(stage)
     atomic_write(os.path.join(stage, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    problems = verify_files(stage, manifest)
-    if problems:
-        raise BuildError("staged output does not verify: {}".format("; ".join(problems)))
+    # the checksums were just computed from these files: check that each one is there with its size
+    missing = [rel for rel, meta in manifest["files"].items()
+               if not os.path.lexists(os.path.join(stage, rel))
+               or ("size" in meta and os.path.getsize(os.path.join(stage, rel)) != meta["size"])]
+    if missing:
+        raise BuildError("staged output does not verify: {}".format(", ".join(missing)))
     return stage, manifest
 
 
@@ -929,6 +947,7 @@ class BuildOutcome:
     duration: float = 0.0
     container_seconds: float = 0.0
     method: Optional[str] = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _devcontainer():
@@ -987,8 +1006,10 @@ def _run_build_locked(r: Resolved, log: LogFn, parent: str) -> BuildOutcome:
         for d in ("in", "work"):
             os.makedirs(os.path.join(tmp, d))
         with open(log_path, "a", encoding="utf-8") as f:
-            f.write(f"modulus kmod_build {r.req.recipe} {r.driver} {r.driver_version} for kernel {r.kernel_release}, image {req.image} ({r.board} {r.image_version}), inputs {r.inputs_sha256}\n")
+            f.write(f"modulus kmod_build {r.req.recipe} {r.driver} {r.driver_version} for kernel {r.kernel_release},"
+                    f" image {req.image} ({r.board} {r.image_version}), inputs {r.inputs_sha256}\n")
         _src_path, source_sha = prepare_source(r, tmp, log)
+        timings = {"prepare": time.monotonic() - started}
         binds_ro = [(os.path.join(tmp, "in"), IN_DIR)]
         if req.signing:
             keys = tempfile.mkdtemp(prefix="keys-", dir=tmp)
@@ -1012,12 +1033,21 @@ def _run_build_locked(r: Resolved, log: LogFn, parent: str) -> BuildOutcome:
         if res.rc != 0:
             why = f"timed out after {req.timeout:.0f} s" if res.timed_out else f"exited with rc {res.rc}"
             raise BuildError(f"build in {os.path.basename(req.image)} {why}", res.output_tail, log_path)
+        timings["container"] = res.duration
+        mark = time.monotonic()
         stage, manifest = stage_output(r, tmp, source_sha, log_path, log)
+        timings["check_and_stage"] = time.monotonic() - mark
+        mark = time.monotonic()
         swap_into_place(stage, req.dest)
         clear_failure_marker(req.dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        timings["install_and_cleanup"] = time.monotonic() - mark
+        timings = {k: round(v, 3) for k, v in timings.items()}
+        log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         return BuildOutcome(changed=True, manifest=manifest, inputs_sha256=r.inputs_sha256, reason="built",
                             resolved=r, log_path=os.path.join(req.dest, "build.log"),
-                            duration=time.monotonic() - started, container_seconds=res.duration, method=res.method)
+                            duration=time.monotonic() - started, container_seconds=res.duration, method=res.method,
+                            timings=timings)
     except BuildError as exc:
         tail = exc.log_tail  # set for failures inside the container; a failed check names its problems itself
         marker = write_failure_marker(req.dest, r.inputs_sha256, exc.msg, log_path)

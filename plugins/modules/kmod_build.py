@@ -280,6 +280,11 @@ build_log:
   description: Path of the build log (C(DEST/build.log), or C(DEST.failed.log) after a failure).
   returned: when a build ran or exists
   type: str
+timings:
+  description: Seconds spent preparing the source, in the container, checking and staging, installing and cleaning up.
+  returned: when a build ran
+  type: dict
+  sample: {"prepare": 0.2, "container": 110.5, "check_and_stage": 1.1, "install_and_cleanup": 0.9}
 reason:
   description: Why the module did or did not build (C(up to date), C(inputs changed), C(force) ...).
   returned: always
@@ -408,7 +413,7 @@ def main() -> None:
     manifest = out.manifest or {}
     result["changed"] = out.changed
     result.update(modules=manifest.get("modules", []), manifest=manifest, source_sha256=manifest.get("source_sha256"),
-                  build_log=out.log_path, duration=round(out.duration, 3), reason=out.reason)
+                  build_log=out.log_path, duration=round(out.duration, 3), reason=out.reason, timings=out.timings)
     module.exit_json(**result)
 
 

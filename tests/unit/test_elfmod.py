@@ -162,8 +162,10 @@ def test_signature_signer_and_key_id(signing_pair: tuple[Path, Path, str], tmp_p
     path.write_bytes(signed)
     if shutil.which("modinfo") or Path("/usr/sbin/modinfo").exists():
         tool = shutil.which("modinfo") or "/usr/sbin/modinfo"
-        got = subprocess.run([tool, "-F", "signer", str(path)], capture_output=True, text=True).stdout.strip()
-        key_id = subprocess.run([tool, "-F", "sig_key", str(path)], capture_output=True, text=True).stdout.strip()
+        got = subprocess.run([tool, "-F", "signer", str(path)], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        key_id = subprocess.run([tool, "-F", "sig_key", str(path)], capture_output=True, text=True,
+                                check=True).stdout.strip()
         assert got == mi.signature.signer
         assert key_id == mi.signature.key_id
 
