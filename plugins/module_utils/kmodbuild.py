@@ -716,6 +716,8 @@ def build_script(r: Resolved, jobs: int, signing: bool) -> str:
             f'log "extracting the driver archive with its own self-extractor: sh {IN_DIR}/driver.run --extract-only --target $W/tree"',
             f'sh {IN_DIR}/driver.run --extract-only --target "$W/tree"',
             f'[ -d "$W/tree/{kdir}" ] || {{ log "the archive has no {kdir}/ directory (kernel_module_type={r.module_type})"; exit 4; }}',
+            # the other flavour's sources are not built: drop them before make (less disk, no writeback racing it)
+            f'rm -rf "$W/tree/{"kernel" if kdir == "kernel-open" else "kernel-open"}"',
             f'log "building {kdir} modules: make -j$JOBS KERNEL_UNAME=$KVER $EXTRA {margs} modules"',
             f'make -C "$W/tree/{kdir}" -j"$JOBS" KERNEL_UNAME="$KVER" $EXTRA {margs} modules',
             'log "make done"',

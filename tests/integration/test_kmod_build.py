@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,43 +22,18 @@ import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, kmodbuild
 from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import run_in_image
+from sim import ansible_run
 from sim.kit import Kit, cache_root
 from sim.nvidia import nvidia_run
 from sim.qemu import boot_and_load
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "tests" / "fixtures" / "hello"
-ANSIBLE = str(Path(sys.executable).parent / "ansible")
 MODINFO = shutil.which("modinfo") or "/usr/sbin/modinfo"
 
 
-def ansible_env() -> dict:
-    env = dict(os.environ)
-    env.update({
-        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
-        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "false",
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-    })
-    return env
-
-
 def run_module(args: dict, check: bool = False, diff: bool = False, timeout: float = 1800) -> tuple[dict, str]:
-    cmd = [ANSIBLE, "localhost", "-m", "modulus.kmods.kmod_build", "-a", json.dumps(args)]
-    if check:
-        cmd.append("--check")
-    if diff:
-        cmd.append("--diff")
-    proc = subprocess.run(cmd, env=ansible_env(), capture_output=True, text=True, timeout=timeout, check=False)
-    out = proc.stdout
-    idx = out.rfind("localhost | ")
-    assert idx >= 0, out + proc.stderr
-    res = json.loads(out[out.index("=> ", idx) + 3:])
-    if out[idx:].startswith("localhost | FAILED!"):  # the ad-hoc output drops the 'failed' key
-        res["failed"] = True
-    return res, out + proc.stderr
+    return ansible_run.run_module("modulus.kmods.kmod_build", args, check=check, diff=diff, timeout=timeout)
 
 
 def hello_args(rel, dest: Path, **kw) -> dict:
