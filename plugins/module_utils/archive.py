@@ -36,6 +36,8 @@ import zlib
 from collections.abc import Iterator
 from typing import IO, Any, Callable, Optional
 
+from ansible_collections.modulus.kmods.plugins.module_utils.common import atomic_write, sha256_and_size
+
 MANIFEST_NAME = "manifest.json"
 ARCHIVE_SUFFIX = ".tar.gz"
 CHUNK_SIZE = 4 << 20
@@ -205,16 +207,7 @@ def file_mode(meta: dict[str, Any]) -> int:
 
 
 def _sha256_path(path: str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(1 << 20)
-            if not block:
-                break
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+    return sha256_and_size(path)
 
 
 def tree_entries(tree: str) -> list[str]:
@@ -608,20 +601,7 @@ def legacy_manifest(staging: str, written: dict[str, dict[str, Any]], ident: dic
 # --------------------------------------------------------------------------- atomic placement
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, sort_keys=True, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(data, sort_keys=True, indent=2) + "\n")
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:

@@ -35,16 +35,23 @@ def require_tool(name: str) -> str:
     return found
 
 
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
+def sha256_and_size(path: str, bufsize: int = 1 << 20) -> tuple[str, int]:
+    """(SHA-256 hex digest, size in bytes) of a file, read once in chunks."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as handle:
         while True:
             block = handle.read(bufsize)
             if not block:
                 break
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    return sha256_and_size(path, bufsize)[0]
 
 
 def fsync_dir(path: str) -> None:
