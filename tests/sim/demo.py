@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from sim.kit import Kit, KitError
@@ -28,7 +28,11 @@ def main() -> int:
     except KitError as exc:
         print(f"demo: the simulation kit could not be built: {exc}", file=sys.stderr)
         return 1
-    work = Path(tempfile.mkdtemp(prefix="modulus-demo-"))
+    # One work dir, kept between runs: a second `make demo` shows the caches at work (nothing is
+    # downloaded or compiled again). The simulated host is laid out anew each time.
+    work = Path(os.environ.get("MODULUS_DEMO_DIR", REPO / "build" / "demo"))
+    shutil.rmtree(work / "host", ignore_errors=True)
+    (work / "host").mkdir(parents=True)
     host = kit.host_root(work / "host", update="need_reboot")
     extra = {
         "demo_host_root": str(host),
