@@ -26,6 +26,7 @@ from sim import ansible_run
 from sim.kit import Kit, cache_root
 from sim.nvidia import nvidia_run
 from sim.qemu import boot_and_load
+from sim.signing import make_signing_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "tests" / "fixtures" / "hello"
@@ -221,14 +222,7 @@ def test_bad_input_is_named_and_nothing_is_written(kit: Kit, tmp_path: Path) -> 
 
 def test_signing_with_sign_file_in_the_image(kit: Kit, tmp_path: Path) -> None:
     rel = kit.releases["pending"]
-    key, cert = tmp_path / "signing.key", tmp_path / "signing.crt"
-    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "7", "-subj", "/O=modulus tests/CN=modulus test Secure Boot key"],
-                   check=True, capture_output=True)
-    serial = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-serial"], check=True,
-                            capture_output=True, text=True).stdout.strip().split("=", 1)[1]
-    raw = bytes.fromhex(serial if len(serial) % 2 == 0 else "0" + serial).lstrip(b"\0")
-    want_key_id = ":".join(f"{b:02X}" for b in raw)
+    key, cert, want_key_id = make_signing_pair(tmp_path, "modulus test Secure Boot key")
     dest = tmp_path / "signed"
     res, text = run_module(hello_args(rel, dest, signing_key=str(key), signing_cert=str(cert)))
     assert res["changed"] is True, text

@@ -30,6 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sim.kit import cache_root, sha256_file
+
 # Debian bookworm non-free carries 535.261.03-1 (and bookworm-security a newer 535.309.01); the
 # open sources exist only as 535.261.03-1, so that version keeps kernel/ and kernel-open/ matched.
 # If the mirror no longer has it, the fixture takes the version Debian offers (kernel-open/ only
@@ -115,25 +117,11 @@ class NvidiaRun:
     debian_version: str
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("MODULUS_SIM_CACHE", "/var/cache/modulus-sim"))
-
-
 def recipe_key(debian_version: str = DEBIAN_VERSION) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"deb": debian_version, "arch": ARCH, "rev": RECIPE_REV, "stub": STUB,
                          "lib": LIB_C, "smi": SMI_C}, sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:
@@ -243,7 +231,7 @@ def build_run(directory: Path, debian_version: str = DEBIAN_VERSION) -> NvidiaRu
         _tar_payload(pkg, payload)
         size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
         stub = (STUB.replace("@ARCH@", ARCH).replace("@VERSION@", version)
-                .replace("@DEBVER@", debian_version).replace("@SHA256@", _sha256(payload))
+                .replace("@DEBVER@", debian_version).replace("@SHA256@", sha256_file(payload))
                 .replace("@SIZE@", str(size)))
         skip = stub.count("\n") + 1
         stub = stub.replace("@SKIP@", str(skip))
@@ -255,7 +243,7 @@ def build_run(directory: Path, debian_version: str = DEBIAN_VERSION) -> NvidiaRu
                 shutil.copyfileobj(p, f, 1 << 20)
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
-    meta = NvidiaRun(path=dest, version=version, sha256=_sha256(dest), arch=ARCH,
+    meta = NvidiaRun(path=dest, version=version, sha256=sha256_file(dest), arch=ARCH,
                      has_open=opn is not None, debian_version=debian_version)
     dest.with_suffix(".json").write_text(json.dumps({"version": version, "sha256": meta.sha256,
                                                      "has_open": meta.has_open, "deb": debian_version}))
@@ -268,7 +256,7 @@ def nvidia_run(cache_dir: str | os.PathLike[str] | None = None, debian_version: 
     for meta_path in sorted(d.glob("NVIDIA-Linux-*.json")):
         meta = json.loads(meta_path.read_text())
         path = meta_path.with_suffix(".run")
-        if path.is_file() and _sha256(path) == meta["sha256"]:
+        if path.is_file() and sha256_file(path) == meta["sha256"]:
             return NvidiaRun(path=path, version=meta["version"], sha256=meta["sha256"], arch=ARCH,
                              has_open=meta["has_open"], debian_version=meta["deb"])
     return build_run(d, debian_version)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sim.nvidia import cache_root
+from sim.kit import cache_root
 
 BUSYBOX = "/bin/busybox"
 START = "MODULUS-QEMU-START"

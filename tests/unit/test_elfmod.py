@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import elfmod
+from sim.signing import make_signing_pair
 
 KVER = "6.1.0-50-amd64"
 VERMAGIC = KVER + " SMP preempt mod_unload modversions "
@@ -92,14 +93,7 @@ def make_module(name: str = "modulus_test", depends: str = "", vermagic: str = V
 def signing_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("keys")
-    key, cert = d / "k.pem", d / "c.pem"
-    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", "/O=modulus tests/CN=modulus unit signer"],
-                   check=True, capture_output=True)
-    serial = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-serial"], check=True,
-                            capture_output=True, text=True).stdout.strip().split("=", 1)[1]
-    return key, cert, serial
+    return make_signing_pair(tmp_path_factory.mktemp("keys"), "modulus unit signer", days=2)
 
 
 def sign_like_sign_file(data: bytes, key: Path, cert: Path, tmp: Path) -> bytes:
@@ -147,13 +141,11 @@ def test_bad_versions_size() -> None:
 
 
 def test_signature_signer_and_key_id(signing_pair: tuple[Path, Path, str], tmp_path: Path) -> None:
-    key, cert, serial = signing_pair
+    key, cert, want = signing_pair
     signed = sign_like_sign_file(make_module(), key, cert, tmp_path)
     mi = elfmod.read_module_bytes(signed, "s.ko")
     assert mi.signature is not None
     assert mi.signature.signer == "modulus unit signer"
-    raw = bytes.fromhex(serial if len(serial) % 2 == 0 else "0" + serial).lstrip(b"\0")
-    want = ":".join(f"{b:02X}" for b in raw)
     assert mi.signature.key_id == want.upper()
     assert mi.signature.hash_algo == "sha256"
     # the module part is still read correctly behind the signature
