@@ -15,7 +15,7 @@ export PYTHONPATH := $(COLLROOT):$(CURDIR)/tests
 export ANSIBLE_COLLECTIONS_PATH := $(COLLROOT)
 export ANSIBLE_COLLECTIONS_SCAN_SYS_PATH := false
 
-.PHONY: deps system-deps collection sim sanity units integration lint test demo clean bench
+.PHONY: deps system-deps collection need-root sim sanity units integration lint test demo clean bench
 
 deps: system-deps $(VENV)/.installed collection
 
@@ -48,11 +48,18 @@ sanity: $(VENV)/.installed
 units: $(VENV)/.installed collection
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
+# The integration tests and the kit need root (loop devices, mounts, systemd-nspawn): refuse loudly
+# rather than report green with every integration test skipped.
+need-root:
+	@if [ "$$(id -u)" -ne 0 ]; then \
+	  echo "make: the integration tests need root (loop devices, mounts, systemd-nspawn) and did NOT run; run as root" >&2; \
+	  exit 1; fi
+
 # Build (or load from its cache) the Flatcar simulation kit, with progress lines.
-sim: $(VENV)/.installed collection
+sim: need-root $(VENV)/.installed collection
 	$(BIN)/python -m sim build >/dev/null
 
-integration: sim
+integration: need-root sim
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed collection

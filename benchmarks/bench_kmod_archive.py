@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT / "build" / "collections"), str(ROOT / "tests")]
 
 from ansible_collections.modulus.kmods.plugins.module_utils import archive as ar  # noqa: E402
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops  # noqa: E402
+from ansible_collections.modulus.kmods.plugins.module_utils.identity import identity_from_manifest  # noqa: E402
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import open_store  # noqa: E402
 from sim.kmod_archive_fixtures import IDENT, make_build  # noqa: E402
 from sim.s3 import TEST_KEY_ID, TEST_SECRET, MotoServer, client  # noqa: E402
@@ -79,7 +80,7 @@ def main() -> int:
             opts = {"endpoint_url": endpoint, "access_key": TEST_KEY_ID, "secret_key": TEST_SECRET,
                     "region": "us-east-1", "addressing_style": "path"}
             env = aws_env(endpoint)
-            ident = {k: IDENT[k] for k in ar.IDENTITY_FIELDS}
+            ident = identity_from_manifest(IDENT)
             rows = {"push": [], "aws_up": [], "raw_up": [], "pull": [], "aws_down": [], "raw_down": []}
             raw = client(endpoint)
             manifest = src / "manifest.json"

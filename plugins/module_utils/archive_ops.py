@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils import archive as ar
+from ansible_collections.modulus.kmods.plugins.module_utils import fsutil
 from ansible_collections.modulus.kmods.plugins.module_utils import lease as ls
+from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
+from ansible_collections.modulus.kmods.plugins.module_utils.identity import identity_from_manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import ObjectInfo, Store, StoreError
 
 MAX_PROBLEMS = 5
@@ -42,37 +44,48 @@ def _result(changed: bool, store: Optional[Store], **kw: Any) -> dict[str, Any]:
     return res
 
 
+def _signer(value: Optional[str]) -> Optional[str]:
+    return value.replace(" ", "").replace(":", "").lower() if value else value
+
+
 def check_identity(manifest: dict[str, Any], wanted: dict[str, Optional[str]]) -> None:
     """Options given explicitly must agree with the manifest (fail closed on a mix-up)."""
-    have = ar.identity_from_manifest(manifest)
+    have = identity_from_manifest(manifest)
     for field, value in wanted.items():
         if value is None or field not in have:
             continue
         mine = have[field]
-        if field == "signing_key_fingerprint" and mine:
-            mine, value = mine.replace(" ", "").lower(), value.replace(" ", "").lower()
+        if field == "signer" and mine:
+            mine, value = _signer(mine), _signer(value)
         if mine != value:
             raise ar.ArchiveError(f"{field}={value!r} does not match the build's manifest ({mine!r})")
+
+
+def load_manifest(tree: str) -> dict[str, Any]:
+    """``manifest.load_manifest`` with its errors as ``ArchiveError`` (what the module reports)."""
+    try:
+        return mf.load_manifest(tree)
+    except mf.ManifestError as exc:
+        raise ar.ArchiveError(str(exc)) from None
 
 
 def push(src: str, store: Optional[Store], wanted: dict[str, Optional[str]], level: int = ar.DEFAULT_LEVEL,
          check_mode: bool = False, tmp_dir: Optional[str] = None) -> dict[str, Any]:
     """Make sure the build in ``src`` is in the store (one HEAD when it already is)."""
-    manifest = ar.load_manifest(src)
+    manifest = load_manifest(src)
     check_identity(manifest, wanted)
-    problems = ar.verify_tree(src, manifest, hash_files=False)
+    problems = mf.verify_tree(src, manifest, hash_files=False)
     if problems:
         raise ar.ArchiveError(f"src {src} does not match its manifest: {_problems_text(problems)}")
-    ident = ar.identity_from_manifest(manifest)
-    key = ar.archive_key(ident)
-    msha = ar.manifest_sha256(manifest)
+    key = ar.archive_key(identity_from_manifest(manifest))
+    msha = mf.manifest_sha256(manifest)
     if store is None:
         return _result(False, None, key=key, manifest_sha256=msha, msg="no store configured: the build stays local")
     if not store.writable:
         raise StoreError(f"store {store.url} is read-only (http): it cannot receive builds")
     info = store.head(key)
     if info is not None and info.sha256 and info.manifest_sha256 == msha:
-        problems = ar.verify_tree(src, manifest)
+        problems = mf.verify_tree(src, manifest)
         if problems:
             raise ar.ArchiveError(f"src {src} does not match its manifest: {_problems_text(problems)}")
         if not check_mode:
@@ -84,7 +97,7 @@ def push(src: str, store: Optional[Store], wanted: dict[str, Optional[str]], lev
         return _result(True, store, key=key, sha256=None, size=None, manifest_sha256=msha,
                        diff={"before": before, "after": {"key": key, "sha256": "(computed on upload)", "size": None}})
     # next to src by default: /tmp is a small tmpfs on Flatcar, /opt has the room
-    workdir = tempfile.mkdtemp(prefix=".kmod_archive-", dir=tmp_dir or os.path.dirname(os.path.abspath(src)))
+    workdir = fsutil.make_staging(src, "push", parent=tmp_dir)
     try:
         path = os.path.join(workdir, "build.tar.gz")
         sha, size = ar.pack_tree(src, manifest, path, level)
@@ -104,19 +117,19 @@ def _record(tree: str, manifest: dict[str, Any], store: Store, key: str, sha: Op
     if manifest.get("archive") != section:
         updated = dict(manifest)
         updated["archive"] = section
-        ar.write_json_atomic(os.path.join(tree, ar.MANIFEST_NAME), updated)
+        mf.write_manifest(tree, updated)
 
 
 def _local_match(dest: str, ident: dict[str, Optional[str]]) -> Optional[dict[str, Any]]:
     """The manifest of ``dest`` when it holds a complete, verified build of ``ident``."""
-    if not os.path.isfile(os.path.join(dest, ar.MANIFEST_NAME)):
+    if not os.path.isfile(os.path.join(dest, mf.MANIFEST_NAME)):
         return None
     try:
-        manifest = ar.load_manifest(dest)
+        manifest = load_manifest(dest)
         check_identity(manifest, {k: v for k, v in ident.items() if v is not None})
     except ar.ArchiveError:
         return None
-    if ar.verify_tree(dest, manifest):
+    if mf.verify_tree(dest, manifest):
         return None
     return manifest
 
@@ -124,7 +137,7 @@ def _local_match(dest: str, ident: dict[str, Optional[str]]) -> Optional[dict[st
 def _dest_state(dest: str) -> dict[str, Any]:
     """What ``dest`` holds now, for the diff (whatever build it is)."""
     try:
-        section = ar.load_manifest(dest).get("archive") or {}
+        section = load_manifest(dest).get("archive") or {}
     except ar.ArchiveError:
         section = {}
     return {"key": section.get("key"), "sha256": section.get("sha256"), "size": section.get("size")}
@@ -188,47 +201,50 @@ def pull(dest: str, store: Optional[Store], ident: dict[str, Optional[str]], cha
     if check_mode:
         return _result(True, store, key=info.key, sha256=info.sha256, size=info.size, dest=dest, legacy=is_legacy,
                        diff={"before": before, "after": _state(info)})
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(os.path.abspath(dest))}.download-", dir=parent)
-    os.close(fd)
-    staging = None
+    work = fsutil.make_staging(dest, "pull")  # beside dest: the tree is renamed into place
     try:
-        os.unlink(tmp)
+        tmp = os.path.join(work, "archive.tar.gz")
         store.download(info.key, tmp)
-        sha, size = ar.sha256_file(tmp)
+        sha, size = fsutil.sha256_and_size(tmp)
         if info.sha256 and sha != info.sha256:
             raise ar.ArchiveError(f"archive {info.key} in {store.url} has sha256 {sha} but its metadata says {info.sha256}: refusing it")
-        staging = ar.make_staging(dest)
-        if is_legacy:
-            root = ar.find_legacy_root(tmp, str(ident.get("driver")), str(ident.get("driver_version")))
-            written = ar.extract_archive(tmp, staging, root)
-            manifest = ar.legacy_manifest(staging, written, ident, str(channel), info.key)
-        else:
-            written = ar.extract_archive(tmp, staging)
-            if ar.MANIFEST_NAME not in written:
-                raise ar.ArchiveError(f"archive {info.key} holds no {ar.MANIFEST_NAME}")
-            manifest = ar.load_manifest(staging)
-            written.pop(ar.MANIFEST_NAME)
-            try:
-                check_identity(manifest, {k: v for k, v in ident.items() if v is not None})
-            except ar.ArchiveError as exc:
-                raise ar.ArchiveError(f"archive {info.key} holds another build: {exc}") from None
-            problems = ar.check_extracted(written, manifest)
-            if problems:
-                raise ar.ArchiveError(f"archive {info.key} does not match its manifest: {_problems_text(problems)}")
+        staging = os.path.join(work, "tree")
+        os.mkdir(staging)
+        os.chmod(staging, 0o755)  # becomes dest: readable like any installed tree
+        manifest = _extract(tmp, staging, info, ident, channel)
+        os.unlink(tmp)
         manifest["archive"] = {"store": store.url, "key": info.key, "sha256": sha, "size": size,
-                               "manifest_sha256": info.manifest_sha256 or ar.manifest_sha256(manifest)}
-        ar.write_json_atomic(os.path.join(staging, ar.MANIFEST_NAME), manifest)
-        ar.swap_into_place(staging, dest)
-        staging = None
+                               "manifest_sha256": info.manifest_sha256 or mf.manifest_sha256(manifest)}
+        mf.write_manifest(staging, manifest)
+        try:
+            fsutil.swap_into_place(staging, dest)
+        except fsutil.UnsafePathError as exc:
+            raise ar.ArchiveError(str(exc)) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return _result(True, store, key=info.key, sha256=sha, size=size, dest=dest, legacy=is_legacy,
                    diff={"before": before, "after": {"key": info.key, "sha256": sha, "size": size}})
+
+
+def _extract(archive_path: str, staging: str, info: ObjectInfo, ident: dict[str, Optional[str]],
+             channel: Optional[str]) -> dict[str, Any]:
+    """Extract a downloaded archive into ``staging`` and check it; returns its manifest."""
+    if info.legacy:
+        root = ar.find_legacy_root(archive_path, str(ident.get("driver")), str(ident.get("driver_version")))
+        written = ar.extract_archive(archive_path, staging, root)
+        return ar.legacy_manifest(staging, written, ident, str(channel), info.key)
+    written = ar.extract_archive(archive_path, staging)
+    if written.pop(mf.MANIFEST_NAME, None) is None:
+        raise ar.ArchiveError(f"archive {info.key} holds no {mf.MANIFEST_NAME}")
+    manifest = load_manifest(staging)
+    try:
+        check_identity(manifest, {k: v for k, v in ident.items() if v is not None})
+    except ar.ArchiveError as exc:
+        raise ar.ArchiveError(f"archive {info.key} holds another build: {exc}") from None
+    problems = mf.compare_files(written, manifest)
+    if problems:
+        raise ar.ArchiveError(f"archive {info.key} does not match its manifest: {_problems_text(problems)}")
+    return manifest
 
 
 def query(store: Optional[Store], ident: dict[str, Optional[str]], channel: Optional[str] = None,

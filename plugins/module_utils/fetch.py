@@ -17,22 +17,13 @@ import fcntl
 import hashlib
 import os
 import queue
-import socket
-import ssl
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from typing import Optional
-
-from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
-from ansible.module_utils.urls import SSLValidationError
-from ansible.module_utils.urls import open_url as ansible_open_url
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
@@ -42,27 +33,25 @@ from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     which,
 )
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import GptError, root_partition
+from ansible_collections.modulus.kmods.plugins.module_utils.http import (
+    CHUNK,
+    PARTIAL_PREFIX,
+    FetchError,
+    NotFound,
+    Progress,
+    Response,
+    TransientError,
+    check_length,
+    fetch_small,
+    open_url,
+    with_retries,
+)
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring
 
-CHUNK = 1 << 20
 SPARSE_BLOCK = 4096
 MAX_SIG_BYTES = 1 << 20
 TEMPLATE_FIELDS = ("channel", "board", "version", "arch", "group")
-PARTIAL_PREFIX = ".partial-"
 F_SETPIPE_SZ = 1031
-USER_AGENT = "modulus.kmods-coreos_devcontainer"
-
-
-class FetchError(RuntimeError):
-    """The download failed for good (nothing was cached)."""
-
-
-class NotFound(FetchError):
-    """The server answered 404/410 (or the file:// path does not exist)."""
-
-
-class TransientError(FetchError):
-    """Worth retrying: connection reset/refused, short read, timeout, 5xx."""
 
 
 class SignatureError(FetchError):
@@ -115,103 +104,6 @@ def candidate_bases(url_template: str, mirrors: list[str], fallback_url_template
             seen.add(cand.base)
             unique.append(cand)
     return unique
-
-
-# --------------------------------------------------------------------------------------------
-# opening URLs
-
-
-class Response:
-    """A readable body with its length (None when unknown)."""
-
-    def __init__(self, handle, length: Optional[int], url: str) -> None:
-        self.handle = handle
-        self.length = length
-        self.url = url
-
-    def read(self, size: int) -> bytes:
-        try:
-            return self.handle.read(size)
-        except (socket.timeout, TimeoutError) as exc:
-            raise TransientError(f"timed out reading {self.url}") from exc
-        except (ConnectionError, HTTPException, OSError) as exc:
-            raise TransientError(f"connection error reading {self.url}: {exc}") from exc
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing a broken connection may fail any way
-            self.handle.close()
-
-
-def open_url(url: str, timeout: float, validate_certs: bool = True) -> Response:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        path = urllib.request.url2pathname(parsed.path)
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by Response.close()
-        except FileNotFoundError as exc:
-            raise NotFound(f"{url} does not exist") from exc
-        except OSError as exc:
-            raise FetchError(f"cannot open {url}: {exc}") from exc
-        return Response(handle, os.fstat(handle.fileno()).st_size, url)
-    try:
-        handle = ansible_open_url(url, headers={"Accept-Encoding": "identity"}, http_agent=USER_AGENT,
-                                  timeout=timeout, validate_certs=validate_certs, follow_redirects="safe")
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code in (404, 410):
-            raise NotFound(f"{url}: HTTP {exc.code}") from exc
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise TransientError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-        raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, ssl.SSLCertVerificationError):
-            raise FetchError(f"{url}: TLS certificate verification failed: {exc.reason} (validate_certs)") from exc
-        raise TransientError(f"{url}: {exc.reason}") from exc
-    except SSLValidationError as exc:
-        raise FetchError(f"{url}: TLS certificate verification failed: {exc} (validate_certs)") from exc
-    except (socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError, UrlsConnectionError) as exc:
-        raise TransientError(f"{url}: {exc}") from exc
-    length = handle.headers.get("Content-Length")
-    try:
-        size = int(length) if length is not None else None
-    except ValueError:
-        size = None
-    return Response(handle, size, url)
-
-
-def with_retries(action, what: str, retries: int, retry_delay: float, log: LogFn):
-    """Run ``action()``; on TransientError retry up to ``retries`` times with a growing delay."""
-    attempt = 0
-    while True:
-        try:
-            return action()
-        except TransientError as exc:
-            if attempt >= retries:
-                raise TransientError(f"{what} failed after {attempt + 1} attempt(s): {exc}") from exc
-            delay = min(retry_delay * (2 ** attempt), 30.0)
-            attempt += 1
-            log(f"{what}: {exc}; retry {attempt}/{retries} in {delay:.1f} s")
-            time.sleep(delay)
-
-
-def fetch_small(url: str, timeout: float, validate_certs: bool = True, limit: int = MAX_SIG_BYTES) -> bytes:
-    resp = open_url(url, timeout, validate_certs)
-    try:
-        if resp.length is not None and resp.length > limit:
-            raise FetchError(f"{url} is {resp.length} bytes, more than the {limit} a signature may have")
-        data = b""
-        while True:
-            block = resp.read(65536)
-            if not block:
-                break
-            data += block
-            if len(data) > limit:
-                raise FetchError(f"{url} is larger than the {limit} bytes a signature may have")
-        if resp.length is not None and len(data) != resp.length:
-            raise TransientError(f"short read on {url}: {len(data)} of {resp.length} bytes")
-        return data
-    finally:
-        resp.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,25 +380,8 @@ def remove_stale_partials(directory: str, name: str) -> None:
         pass
 
 
-class _Progress:
-    def __init__(self, log: LogFn, label: str, total: Optional[int], interval: float) -> None:
-        self.log = log
-        self.label = label
-        self.total = total
-        self.interval = interval
-        self.started = time.monotonic()
-        self.last = self.started
-
-    def update(self, done: int, writer: SparseWriter, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.interval:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-6)
-        pct = " %5.1f%%" % (100.0 * done / self.total) if self.total else ""
-        of = f" of {human_bytes(self.total)}" if self.total else ""
-        self.log(f"{self.label}:{pct} {human_bytes(done)}{of} at {human_bytes(rate)}/s, "
-                 f"image {human_bytes(writer.pos)} ({human_bytes(writer.written)} on disk)")
+def _image_extra(writer: SparseWriter) -> str:
+    return f", image {human_bytes(writer.pos)} ({human_bytes(writer.written)} on disk)"
 
 
 def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, timeout: float, validate_certs: bool,
@@ -527,7 +402,7 @@ def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, tim
         verifier = keyring.verifier(sig_path)
         dec = make_decompressor(writer, decompressor)
         digest = hashlib.sha256()
-        progress = _Progress(log, f"download {image_url}", resp.length, progress_interval)
+        progress = Progress(log, f"download {image_url}", resp.length, progress_interval)
         done = 0
         while True:
             chunk = resp.read(CHUNK)
@@ -537,9 +412,8 @@ def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, tim
             verifier.feed(chunk)
             dec.feed(chunk)
             digest.update(chunk)
-            progress.update(done, writer)
-        if resp.length is not None and done != resp.length:
-            raise TransientError(f"short read on {image_url}: {done} of {resp.length} bytes")
+            progress.update(done, extra=_image_extra(writer))
+        check_length(resp, done)
         if done == 0:
             raise TransientError(f"empty body from {image_url}")
         verdict = verifier.finish()
@@ -552,7 +426,7 @@ def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, tim
         dec = None
         writer.finish()
         os.fsync(fd)
-        progress.update(done, writer, force=True)
+        progress.update(done, force=True, extra=_image_extra(writer))
         try:
             root_partition(tmp, root_label)
         except GptError as exc:
@@ -607,7 +481,7 @@ def fetch_image(candidates: list[Candidate], image_name: str, dest: str, keyring
         sig_url = cand.url(image_name + ".sig")
         image_url = cand.url(image_name)
         try:
-            sig = with_retries(lambda u=sig_url: fetch_small(u, timeout, validate_certs), f"fetch {sig_url}",
+            sig = with_retries(lambda u=sig_url: fetch_small(u, timeout, validate_certs, MAX_SIG_BYTES), f"fetch {sig_url}",
                                retries, retry_delay, log)
         except NotFound as exc:
             tried.append(f"{sig_url} ({exc})")

@@ -10,11 +10,12 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
+from ansible_collections.modulus.kmods.plugins.module_utils import imageinfo, mounts
 from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
     no_log,
@@ -22,14 +23,29 @@ from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     require_tool,
     which,
 )
+from ansible_collections.modulus.kmods.plugins.module_utils.identity import (
+    IdentityError,
+    check_kernel_release,
+    check_os_version,
+)
 
 CHANNELS = ("alpha", "beta", "stable", "lts")
+DEFAULT_CHANNEL = "stable"
 NEED_REBOOT = "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+UPDATE_OPS = (
+    "UPDATE_STATUS_IDLE",
+    "UPDATE_STATUS_CHECKING_FOR_UPDATE",
+    "UPDATE_STATUS_UPDATE_AVAILABLE",
+    "UPDATE_STATUS_DOWNLOADING",
+    "UPDATE_STATUS_VERIFYING",
+    "UPDATE_STATUS_FINALIZING",
+    NEED_REBOOT,
+    "UPDATE_STATUS_REPORTING_ERROR_EVENT",
+)
 ZERO_VERSION = "0.0.0"
 USR_A_UUID = "7130c94a-213a-4e5a-8e26-6cce9662f132"
 USR_B_UUID = "e03dd35c-7c2d-4a47-b3fe-27f15780a57c"
 USR_PARTS = {"USR-A": USR_A_UUID, "USR-B": USR_B_UUID}
-VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+([.+~-][0-9A-Za-z.+~-]*)?$")
 ARCH_OF_BOARD = {"amd64-usr": "amd64", "arm64-usr": "arm64"}
 
 FLATCAR_RELEASE = "usr/share/flatcar/release"
@@ -90,13 +106,15 @@ def in_root(host_root: str, path: str) -> str:
 
 
 def valid_version(value: str) -> bool:
-    return bool(value) and bool(VERSION_RE.match(value)) and ".." not in value
+    try:
+        check_os_version("release", value)
+    except IdentityError:
+        return False
+    return True
 
 
 def check_version(option: str, value: str) -> str:
-    if not valid_version(value):
-        raise ValueError(f"{option}={value!r} is not a release version such as 4459.2.1")
-    return value
+    return check_os_version(option, value)
 
 
 def _read(path: str) -> Optional[str]:
@@ -158,7 +176,7 @@ def channel_of_group(group: str) -> str:
     value = group.strip().lower()
     if value in CHANNELS:
         return value
-    if re.match(r"^lts-[0-9]{4}$", value):
+    if re.fullmatch(r"lts-[0-9]{4}", value):
         return "lts"
     raise ReleaseError("update GROUP={!r} is not a release channel ({}): set the channel option".format(group, ", ".join(CHANNELS)))
 
@@ -168,7 +186,7 @@ def parse_update_engine_status(text: str) -> UpdateStatus:
     raw: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
-        match = re.match(r"^([A-Z_]+)=(.*)$", line)
+        match = re.fullmatch(r"([A-Z_]+)=(.*)", line)
         if match:
             raw[match.group(1)] = match.group(2).strip()
 
@@ -199,24 +217,43 @@ def default_update_engine_client(host_root: str) -> list[str]:
 
 
 def query_update_engine(command: list[str], timeout: float = 60.0) -> UpdateStatus:
+    """Run ``command -status`` in its own process group (killed whole on timeout) and parse it."""
     try:
-        proc = subprocess.run(list(command) + ["-status"], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc = subprocess.Popen(list(command) + ["-status"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
         raise ReleaseError("cannot run {} -status: {}".format(" ".join(command), exc)) from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ReleaseError("{} -status did not answer within {:g} s (its process group was killed)".format(
+            " ".join(command), timeout)) from exc
     if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip()
-        raise ReleaseError(f"{' '.join(command)} -status failed (rc={proc.returncode}): {err}")
-    status = parse_update_engine_status(proc.stdout.decode("utf-8", "replace"))
+        text = err.decode("utf-8", "replace").strip()
+        raise ReleaseError(f"{' '.join(command)} -status failed (rc={proc.returncode}): {text}")
+    text = out.decode("utf-8", "replace")
+    status = parse_update_engine_status(text)
     if not status.current_op:
-        raise ReleaseError("{} -status printed no CURRENT_OP".format(" ".join(command)))
+        raise ReleaseError("{} -status printed no CURRENT_OP: {!r}".format(" ".join(command), text.strip()[:500]))
+    if status.current_op not in UPDATE_OPS:
+        raise ReleaseError("{} -status reports CURRENT_OP={!r}, a state this collection does not know; refusing to "
+                           "guess whether an update waits for a reboot. Its whole answer: {!r}. Give release "
+                           "explicitly".format(" ".join(command), status.current_op, text.strip()[:500]))
     return status
 
 
-def split_command(value) -> list[str]:
+def command_argv(option: str, value: Any) -> Optional[list[str]]:
+    """A command option given as a list of arguments or as a string split like a shell would."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        return shlex.split(value)
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
-    return shlex.split(str(value))
+    raise ValueError(f"{option} must be a list of arguments or a string, got {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,45 +320,74 @@ def _release_from_values(values: dict[str, str]) -> Optional[str]:
             or values.get("VERSION_ID") or values.get("VERSION"))
 
 
-def read_usr_version(device: str, log: LogFn = no_log) -> str:
-    """Version in the os-release of a USR partition (a block device or an image file).
+@dataclass
+class UsrPartition:
+    """What a USR partition holds of its release: read without booting it."""
+    device: str
+    version: str
+    kernel_releases: list[str]
 
-    ext4 is read with debugfs (no mount); otherwise it is mounted read-only (loop for a file)
-    in a temporary directory and unmounted again."""
-    debugfs = which("debugfs")
-    if debugfs:
-        for rel in ("/lib/os-release", "/share/flatcar/release", "/share/coreos/release"):
-            proc = subprocess.run([debugfs, "-R", f"cat {rel}", device], stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=60, check=False)
-            version = _release_from_values(parse_env_file(proc.stdout.decode("utf-8", "replace")))
-            if proc.returncode == 0 and version:
-                return version
-        log(f"debugfs could not read the os-release of {device}: mounting it read-only")
-    mount = require_tool("mount")
-    umount = require_tool("umount")
-    mnt = tempfile.mkdtemp(prefix="modulus-usr-")
+
+USR_RELEASE_FILES = ("lib/os-release", "share/flatcar/release", "share/coreos/release")
+
+
+def _usr_from_tree(device: str, read_text, list_modules) -> UsrPartition:
+    version = None
+    for rel in USR_RELEASE_FILES:
+        version = _release_from_values(parse_env_file(read_text(rel) or ""))
+        if version:
+            break
+    if not version:
+        raise ReleaseError(f"the USR partition {device} has no lib/os-release with VERSION_ID")
+    kernels = sorted(name for name in list_modules() if check_kernel_name(name))
+    return UsrPartition(device=device, version=version, kernel_releases=kernels)
+
+
+def check_kernel_name(name: str) -> bool:
     try:
-        opts = "ro,loop" if os.path.isfile(device) else "ro"
-        proc = subprocess.run([mount, "-o", opts, device, mnt], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=120, check=False)
-        if proc.returncode != 0:
-            raise ReleaseError("cannot mount the not-booted USR partition {} read-only: {}".format(device, proc.stderr.decode("utf-8", "replace").strip()))
+        check_kernel_release("kernel_release", name)
+    except IdentityError:
+        return False
+    return True
+
+
+def read_usr(device: str, log: LogFn = no_log) -> UsrPartition:
+    """Release version and kernel releases (``lib/modules/*``) of a USR partition (a block device or an
+    image file). ext4 is read with debugfs (no mount); otherwise it is mounted read-only and released."""
+    if which("debugfs"):
         try:
-            for rel in ("lib/os-release", "share/flatcar/release", "share/coreos/release"):
-                text = _read(os.path.join(mnt, rel))
-                version = _release_from_values(parse_env_file(text or ""))
-                if version:
-                    return version
-            raise ReleaseError(f"the not-booted USR partition {device} has no lib/os-release with VERSION_ID")
-        finally:
-            done = subprocess.run([umount, mnt], stdin=subprocess.DEVNULL, capture_output=True,
-                                  check=False)
-            if done.returncode != 0:
-                subprocess.run([umount, "-l", mnt], stdin=subprocess.DEVNULL, capture_output=True,
-                               check=False)
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(mnt)
+            return _usr_from_tree(device, lambda rel: imageinfo.read_file(device, 0, "/" + rel),
+                                  lambda: imageinfo.kernel_releases_in(device, 0, "/lib/modules", require_build=False))
+        except (ReleaseError, imageinfo.ImageReadError) as exc:
+            log(f"debugfs could not read the USR partition {device} ({exc}): mounting it read-only")
+    with mounts.mount_readonly(device) as mnt:
+        def listing() -> list[str]:
+            try:
+                return os.listdir(os.path.join(mnt, "lib/modules"))
+            except OSError:
+                return []
+        return _usr_from_tree(device, lambda rel: _read(os.path.join(mnt, rel)), listing)
+
+
+def read_usr_version(device: str, log: LogFn = no_log) -> str:
+    """Version in the os-release of a USR partition."""
+    return read_usr(device, log).version
+
+
+def not_booted_usr(host_root: str, current: str, log: LogFn = no_log) -> Optional[UsrPartition]:
+    """The USR partition the host does not run from (where update_engine writes an update), or None
+    when it cannot be told apart or found."""
+    cmdline = _read(in_root(host_root, "proc/cmdline")) or ""
+    booted = booted_usr(cmdline)
+    labels = [other_usr(booted)] if booted else ["USR-A", "USR-B"]
+    for label in labels:
+        device = find_usr_partition(host_root, label)
+        if not device:
+            continue
+        usr = read_usr(device, log)
+        if booted or usr.version != current:
+            return usr
+    return None
 
 
 def pending_from_usr(host_root: str, current: str, log: LogFn = no_log) -> tuple[str, str]:
@@ -329,29 +395,23 @@ def pending_from_usr(host_root: str, current: str, log: LogFn = no_log) -> tuple
     cmdline = _read(in_root(host_root, "proc/cmdline")) or ""
     booted = booted_usr(cmdline)
     labels = [other_usr(booted)] if booted else ["USR-A", "USR-B"]
-    found_any = False
-    for label in labels:
-        device = find_usr_partition(host_root, label)
-        if not device:
-            continue
-        found_any = True
-        version = read_usr_version(device, log)
-        if booted or version != current:
-            if not valid_version(version):
-                raise ReleaseError(f"the not-booted USR partition {label} ({device}) says version {version!r}")
-            return version, device
-    if not found_any:
+    if not any(find_usr_partition(host_root, label) for label in labels):
         raise ReleaseError(
             "update_engine reports {} with NEW_VERSION=0.0.0 (it restarted after applying the update) and the "
             "not-booted USR partition ({}) was not found under {}/dev/disk/by-partlabel or by-partuuid: "
             "give release explicitly".format(NEED_REBOOT, " or ".join(labels), host_root.rstrip("/")))
-    raise ReleaseError(f"update_engine reports {NEED_REBOOT} with NEW_VERSION=0.0.0, the kernel command line does not say "
-                       f"which USR partition is booted, and both hold the current release {current}: give release "
-                       "explicitly")
+    usr = not_booted_usr(host_root, current, log)
+    if usr is None:
+        raise ReleaseError(f"update_engine reports {NEED_REBOOT} with NEW_VERSION=0.0.0, the kernel command line does "
+                           f"not say which USR partition is booted, and both hold the current release {current}: give "
+                           "release explicitly")
+    if not valid_version(usr.version):
+        raise ReleaseError(f"the not-booted USR partition {usr.device} says version {usr.version!r}")
+    return usr.version, usr.device
 
 
 def resolve_release(release: str, host_root: str = "/", update_engine_client: Optional[list[str]] = None,
-                    host: Optional[HostRelease] = None, log: LogFn = no_log) -> ResolvedRelease:
+                    host: Optional[HostRelease] = None, log: LogFn = no_log, timeout: float = 60.0) -> ResolvedRelease:
     """``current``, ``pending`` or an explicit version -> the version to fetch.
 
     ``pending`` with no update waiting for a reboot resolves to the current release with pending=False.
@@ -364,7 +424,7 @@ def resolve_release(release: str, host_root: str = "/", update_engine_client: Op
     if release == "current":
         return ResolvedRelease(version=host.version, pending=False, source="release-file", host=host)
     command = update_engine_client or default_update_engine_client(host_root)
-    status = query_update_engine(command)
+    status = query_update_engine(command, timeout)
     if not status.need_reboot:
         return ResolvedRelease(version=host.version, pending=False, source="release-file", host=host,
                                update_status=status)
@@ -375,6 +435,83 @@ def resolve_release(release: str, host_root: str = "/", update_engine_client: Op
     version, device = pending_from_usr(host_root, host.version, log)
     return ResolvedRelease(version=version, pending=version != host.version, source="usr-partition", host=host,
                            update_status=status, usr_partition=device)
+
+
+@dataclass
+class Target:
+    """A release this host runs or will boot, with its kernel: what a build for it is named by."""
+    release: str  # current | pending
+    os: str
+    board: str
+    os_version: str
+    channel: Optional[str]
+    kernel_release: Optional[str]
+    kernel_source: str  # running-kernel | usr-partition | unknown
+    pending: bool
+    usr_partition: Optional[str] = None
+    note: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return {"release": self.release, "os": self.os, "board": self.board, "os_version": self.os_version,
+                "channel": self.channel, "kernel_release": self.kernel_release, "kernel_source": self.kernel_source,
+                "pending": self.pending, "usr_partition": self.usr_partition, "note": self.note}
+
+
+def running_kernel(host_root: str = "/") -> str:
+    """The running kernel's release, as ``{host_root}/proc/sys/kernel/osrelease`` says (``uname -r``)."""
+    text = _read(in_root(host_root, "proc/sys/kernel/osrelease"))
+    value = (text or "").strip() or (os.uname().release if (host_root or "/") == "/" else "")
+    if not value:
+        raise ReleaseError(f"cannot read the running kernel from {in_root(host_root, 'proc/sys/kernel/osrelease')}")
+    return check_kernel_release("running kernel", value)
+
+
+def host_channel(host_root: str = "/") -> Optional[str]:
+    group, _path = read_group(host_root)
+    if not group:
+        return DEFAULT_CHANNEL
+    try:
+        return channel_of_group(group)
+    except ReleaseError:
+        return None  # an update-server group id: not a release-server channel
+
+
+def _pending_kernel(usr: Optional[UsrPartition], version: str) -> tuple[Optional[str], Optional[str]]:
+    """(kernel release, note) of the pending release from its USR partition."""
+    if usr is None:
+        return None, "the not-booted USR partition was not found"
+    if usr.version != version:
+        return None, (f"the not-booted USR partition {usr.device} holds {usr.version}, update_engine says {version}")
+    if len(usr.kernel_releases) != 1:
+        found = ", ".join(usr.kernel_releases) or "none"
+        return None, f"the not-booted USR partition {usr.device} has {found} under lib/modules, expected one kernel"
+    return usr.kernel_releases[0], None
+
+
+def host_targets(host_root: str = "/", update_engine_client: Optional[list[str]] = None,
+                 log: LogFn = no_log, timeout: float = 60.0) -> dict:
+    """The current release (running kernel) and the pending one (kernel of the not-booted USR
+    partition, when update_engine has installed an update), read from the host alone: nothing is
+    downloaded. ``pending`` is None when no update waits for a reboot."""
+    host = read_host_release(host_root)
+    channel = host_channel(host_root)
+    current = Target(release="current", os=host.os_id, board=host.board, os_version=host.version, channel=channel,
+                     kernel_release=running_kernel(host_root), kernel_source="running-kernel", pending=False)
+    resolved = resolve_release("pending", host_root, update_engine_client, host, log, timeout)
+    pending = None
+    if resolved.pending:
+        try:
+            usr = (read_usr(resolved.usr_partition, log) if resolved.usr_partition
+                   else not_booted_usr(host_root, host.version, log))
+        except (ReleaseError, OSError) as exc:
+            usr, kernel, note = None, None, f"cannot read the not-booted USR partition: {exc}"
+        else:
+            kernel, note = _pending_kernel(usr, resolved.version)
+        pending = Target(release="pending", os=host.os_id, board=host.board, os_version=resolved.version,
+                         channel=channel, kernel_release=kernel,
+                         kernel_source="usr-partition" if kernel else "unknown", pending=True,
+                         usr_partition=usr.device if usr else None, note=note)
+    return {"current": current, "pending": pending, "update_status": resolved.update_status}
 
 
 def arch_of_board(board: str) -> str:

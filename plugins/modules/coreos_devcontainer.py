@@ -27,6 +27,8 @@ description:
     gone, so point O(url_template) or O(mirrors) at a copy.
 author:
   - modulus contributors (@modulus)
+extends_documentation_fragment:
+  - modulus.kmods.host
 requirements:
   - gpg (GnuPG 2) on the managed node
   - debugfs (e2fsprogs) on the managed node
@@ -67,17 +69,6 @@ options:
   board:
     description: Board such as V(amd64-usr) or V(arm64-usr). Defaults to the host's release file.
     type: str
-  host_root:
-    description:
-      - Where the host's root file system is visible, for running from a container with the host mounted
-        elsewhere. Release files, update.conf, C(/proc/cmdline) and C(/dev/disk/by-partlabel) are read below it.
-    type: path
-    default: /
-  update_engine_client:
-    description:
-      - Command (path and arguments) that prints update_engine's status when given C(-status).
-      - Defaults to C({host_root}/usr/bin/update_engine_client), else C(update_engine_client) on PATH.
-    type: raw
   url_template:
     description:
       - Base URL of a release, with placeholders C({channel}), C({board}), C({version}), C({arch}) and C({group}).
@@ -121,10 +112,11 @@ options:
     description: Keep this many newest versions per board (the requested and the booted ones are never pruned); V(0) keeps all.
     type: int
     default: 3
-  timeout:
-    description: Seconds without progress on a connection before it counts as failed.
+  network_timeout:
+    description: Seconds a download may go without progress before it counts as failed.
     type: float
     default: 60
+    aliases: [timeout]
   retries:
     description: How many times a transient failure (connection reset or refused, short read, timeout, HTTP 5xx) restarts the download.
     type: int
@@ -205,7 +197,7 @@ EXAMPLES = r"""
 
 - name: Show what it holds
   ansible.builtin.debug:
-    msg: "{{ devc.release_version }} (pending={{ devc.pending }}) kernel {{ devc.kernel_release }} at {{ devc.image_path }}"
+    msg: "{{ devc.os_version }} (pending={{ devc.pending }}) kernel {{ devc.kernel_release }} at {{ devc.image_path }}"
 
 - name: An explicit release from an internal mirror, air-gapped
   modulus.kmods.coreos_devcontainer:
@@ -236,8 +228,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+os_version:
+  description: The resolved release version (the name every module of the collection uses).
+  returned: always
+  type: str
+  sample: 4459.2.1
 release_version:
-  description: The resolved release version.
+  description: The resolved release version; the same as RV(os_version), kept for playbooks written before it.
   returned: always
   type: str
   sample: 4459.2.1
@@ -373,7 +370,6 @@ run_method:
 """
 
 import os  # noqa: E402
-import shlex  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -389,6 +385,7 @@ from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import 
     ensure,
     parse_bind,
 )
+from ansible_collections.modulus.kmods.plugins.module_utils.flatcar_release import command_argv  # noqa: E402
 
 
 def argument_spec() -> dict:
@@ -407,7 +404,7 @@ def argument_spec() -> dict:
         verify_fingerprint=dict(type="list", elements="str", default=[]),
         cache_dir=dict(type="path"),
         keep=dict(type="int", default=3),
-        timeout=dict(type="float", default=60),
+        network_timeout=dict(type="float", default=60, aliases=["timeout"]),
         retries=dict(type="int", default=3),
         retry_delay=dict(type="float", default=2),
         validate_certs=dict(type="bool", default=True),
@@ -425,16 +422,6 @@ def argument_spec() -> dict:
     )
 
 
-def as_argv(option: str, value) -> list | None:
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        return shlex.split(value)
-    if isinstance(value, (list, tuple)):
-        return [to_native(v) for v in value]
-    raise RequestError(f"{option} must be a list of arguments or a string, got {type(value).__name__}")
-
-
 def build_request(params: dict) -> Request:
     return Request(
         release=params["release"].strip(),
@@ -442,7 +429,7 @@ def build_request(params: dict) -> Request:
         channel=params["channel"],
         board=params["board"],
         host_root=params["host_root"],
-        update_engine_client=as_argv("update_engine_client", params["update_engine_client"]),
+        update_engine_client=command_argv("update_engine_client", params["update_engine_client"]),
         url_template=params["url_template"],
         mirrors=params["mirrors"],
         fallback_url_template=params["fallback_url_template"] or None,
@@ -451,13 +438,13 @@ def build_request(params: dict) -> Request:
         verify_fingerprints=params["verify_fingerprint"],
         cache_dir=params["cache_dir"],
         keep=params["keep"],
-        timeout=params["timeout"],
+        timeout=params["network_timeout"],
         retries=params["retries"],
         retry_delay=params["retry_delay"],
         validate_certs=params["validate_certs"],
         min_free_space=params["min_free_space"],
         decompressor=params["decompressor"],
-        command=as_argv("command", params["command"]),
+        command=command_argv("command", params["command"]),
         binds_ro=[parse_bind("binds_ro", b) for b in params["binds_ro"]],
         binds_rw=[parse_bind("binds_rw", b) for b in params["binds_rw"]],
         env={str(k): to_native(v) for k, v in params["env"].items()},
@@ -502,6 +489,7 @@ def main() -> None:
         module.fail_json(msg=f"{type(exc).__name__}: {to_native(exc)}", exception=traceback.format_exc(),
                          fetch_log=fetch_log)
     result["fetch_log"] = fetch_log
+    result["os_version"] = result.get("release_version")
     if request is not None and request.command and "rc" in result and (result["rc"] != 0 or result.get("timed_out")):
         why = f"timed out after {request.run_timeout} s" if result.get("timed_out") else f"exited with rc={result['rc']}"
         module.fail_json(msg=f"command {' '.join(request.command)} inside the developer container {why}; "

@@ -48,15 +48,26 @@ options:
     description:
       - Directory that receives the build with O(state=fetched). Its parent must be writable; the
         previous content is replaced atomically only once the new tree is verified.
+      - Defaults to C(<archive_root>/<driver>/<driver_version>/<kernel_release>), where
+        M(modulus.kmods.kmod_build) puts its builds.
     type: path
+  archive_root:
+    description: Directory holding the builds of this host, laid out as described in O(dest).
+    type: path
+    default: /opt/modulus/archive
+  identity:
+    description:
+      - The build's identity as one dictionary, as RV(modulus.kmods.kmod_build#module:identity) and
+        RV(modulus.kmods.flatcar_release_info#module:targets) return it (keys C(os), C(board), C(os_version),
+        C(kernel_release), C(driver), C(driver_version), C(module_type), C(signer); other keys are ignored).
+      - A separate option that is also given must agree with it.
+    type: dict
   os:
-    description: Operating system of the build (manifest C(os)).
+    description: Operating system of the build (manifest C(os)). Defaults to C(flatcar).
     type: str
-    default: flatcar
   board:
-    description: Board of the build (manifest C(board)).
+    description: Board of the build (manifest C(board)). Defaults to C(amd64-usr).
     type: str
-    default: amd64-usr
   os_version:
     description: OS release the build is for. Required unless O(state=present).
     type: str
@@ -76,13 +87,17 @@ options:
     type: str
   module_type:
     description:
-      - Module variant as kmod_build recorded it, for example V(proprietary) or V(open) for NVIDIA.
-      - Defaults to V(proprietary) for O(driver=nvidia) and to V(default) (builds without a module type,
-        such as the generic recipe's) for every other driver.
+      - Module variant, V(proprietary) or V(open) for NVIDIA, V(default) for every other driver.
+      - V(auto) (the default) resolves the way M(modulus.kmods.kmod_build) does, so a lookup finds
+        what it built. For NVIDIA that is V(open) from branch 560 on and V(proprietary) before.
     type: str
-  signing_key_fingerprint:
-    description: Fingerprint of the key that signed the modules (unsigned builds when not set).
+    aliases: [kernel_module_type]
+  signer:
+    description:
+      - SHA-256 fingerprint of the certificate that signed the modules (RV(modulus.kmods.kmod_build#module:identity.signer));
+        unsigned builds when not set.
     type: str
+    aliases: [signing_key_fingerprint]
   legacy:
     description:
       - Also look for the original tool's archive when the build is not found under its own key.
@@ -134,16 +149,15 @@ requirements:
 """
 
 EXAMPLES = r"""
-- name: Push this build to the fleet cache
+- name: Push this build to the fleet store
   modulus.kmods.kmod_archive:
-    src: /opt/modulus/archive/nvidia/535.104.05
-    store: s3://gpu-fleet-kmods/flatcar
     state: present
+    store: s3://gpu-fleet-kmods/flatcar
+    src: /opt/modulus/archive/nvidia/535.104.05/6.6.95-flatcar
 
 - name: Fetch the build for the pending release from an S3-compatible store
   modulus.kmods.kmod_archive:
     state: fetched
-    dest: /opt/modulus/archive/nvidia/535.104.05-6.6.95
     store: s3://gpu-fleet-kmods/flatcar
     endpoint_url: https://minio.example.com
     addressing_style: path
@@ -155,6 +169,14 @@ EXAMPLES = r"""
     kernel_release: 6.6.95-flatcar
     driver: nvidia
     driver_version: 535.104.05
+  # lands in /opt/modulus/archive/nvidia/535.104.05/6.6.95-flatcar/
+
+- name: Look up the builds for the releases this host runs and boots next, downloading nothing else
+  modulus.kmods.kmod_archive:
+    state: query
+    store: s3://gpu-fleet-kmods/flatcar
+    identity: "{{ item | combine({'driver': 'nvidia', 'driver_version': '535.104.05'}) }}"
+  loop: "{{ host.targets }}"  # from modulus.kmods.flatcar_release_info
 
 - name: Only one host compiles; the others wait up to 30 minutes, then pull
   modulus.kmods.kmod_archive:
@@ -178,6 +200,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+identity:
+  description: The identity of the build the task worked on (C(module_type) resolved, see O(module_type)).
+  returned: unless the options are invalid
+  type: dict
+  sample: {"os": "flatcar", "board": "amd64-usr", "os_version": "4459.2.1", "kernel_release": "6.6.95-flatcar",
+           "driver": "nvidia", "driver_version": "535.104.05", "module_type": "proprietary", "signer": null}
 key:
   description: Key of the build's archive, relative to the store (its prefix excluded).
   returned: always
@@ -230,16 +258,14 @@ lock:
   type: dict
 """
 
-import traceback  # noqa: E402  (Ansible modules import after their documentation)
+import os  # noqa: E402  (Ansible modules import after their documentation)
+import traceback  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
-from ansible_collections.modulus.kmods.plugins.module_utils.archive import (
-    IDENTITY_FIELDS,
-    ArchiveError,
-    default_module_type,
-)
+from ansible_collections.modulus.kmods.plugins.module_utils import identity as idm
+from ansible_collections.modulus.kmods.plugins.module_utils.archive import ArchiveError
 from ansible_collections.modulus.kmods.plugins.module_utils.lease import default_owner
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import (
     STORE_ARGUMENT_SPEC,
@@ -254,15 +280,17 @@ def argument_spec() -> dict:
         state=dict(type="str", default="present", choices=["present", "fetched", "query", "absent", "locked", "unlocked"]),
         src=dict(type="path"),
         dest=dict(type="path"),
-        os=dict(type="str", default="flatcar"),
-        board=dict(type="str", default="amd64-usr"),
+        archive_root=dict(type="path", default=idm.DEFAULT_ARCHIVE_ROOT),
+        identity=dict(type="dict"),
+        os=dict(type="str"),
+        board=dict(type="str"),
         os_version=dict(type="str"),
         channel=dict(type="str", default="stable"),
         kernel_release=dict(type="str"),
         driver=dict(type="str"),
         driver_version=dict(type="str"),
-        module_type=dict(type="str"),
-        signing_key_fingerprint=dict(type="str", no_log=False),
+        module_type=dict(type="str", aliases=["kernel_module_type"]),
+        signer=dict(type="str", aliases=["signing_key_fingerprint"]),
         legacy=dict(type="bool", default=True),
         remote_check=dict(type="bool", default=True),
         compression_level=dict(type="int", default=1),
@@ -276,21 +304,55 @@ def argument_spec() -> dict:
     return spec
 
 
-NAMING = ["os_version", "kernel_release", "driver", "driver_version"]
+NAMING = ("os_version", "kernel_release", "driver", "driver_version")
+
+
+def merged_identity(params: dict) -> dict:
+    """The identity options and the ``identity`` dictionary together; a field given both ways must agree."""
+    given = params["identity"] or {}
+    merged: dict = {}
+    for field in idm.IDENTITY_FIELDS:
+        opt, other = params[field], given.get(field)
+        if isinstance(other, str) and other == "":
+            other = None
+        if opt not in (None, "") and other is not None and str(opt) != str(other) and not (
+                field == "module_type" and opt == "auto"):
+            raise idm.IdentityError(f"{field}={opt!r} disagrees with identity.{field}={other!r}")
+        merged[field] = opt if opt not in (None, "") else (None if other is None else str(other))
+    return merged
+
+
+def wanted_identity(params: dict) -> dict:
+    """The checked identity of the build a state other than ``present`` works on."""
+    merged = merged_identity(params)
+    missing = [f for f in NAMING if merged[f] in (None, "")]
+    if missing:
+        raise idm.IdentityError("state={} needs {} (as options or in identity)".format(params["state"], ", ".join(missing)))
+    return idm.make_identity(os=merged["os"] or "flatcar", board=merged["board"] or "amd64-usr",
+                             os_version=merged["os_version"], kernel_release=merged["kernel_release"],
+                             driver=merged["driver"], driver_version=merged["driver_version"],
+                             module_type=merged["module_type"], signer=merged["signer"])
+
+
+def push_constraints(params: dict) -> dict:
+    """What the manifest of ``src`` must agree with: the identity fields that were given."""
+    merged = merged_identity(params)
+    for field, check in (("os", idm.check_os), ("board", idm.check_board), ("os_version", idm.check_os_version),
+                         ("kernel_release", idm.check_kernel_release), ("driver", idm.check_name)):
+        if merged[field]:
+            check(field, merged[field])
+    if merged["module_type"] == "auto":
+        merged["module_type"] = None
+    if merged["signer"]:
+        merged["signer"] = idm.normalize_signer(merged["signer"])
+    return {k: v for k, v in merged.items() if v not in (None, "")}
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec=argument_spec(),
         supports_check_mode=True,
-        required_if=[
-            ("state", "present", ["src"]),
-            ("state", "fetched", ["dest"] + NAMING),
-            ("state", "query", NAMING),
-            ("state", "absent", NAMING),
-            ("state", "locked", NAMING),
-            ("state", "unlocked", NAMING),
-        ],
+        required_if=[("state", "present", ["src"])],
         mutually_exclusive=[("profile", "access_key"), ("profile", "secret_key")],
         required_together=[("access_key", "secret_key")],
     )
@@ -302,7 +364,22 @@ def main() -> None:
             module.fail_json(msg=f"{name}={p[name]} must not be negative")
     if p["lock_poll"] <= 0:
         module.fail_json(msg=f"lock_poll={p['lock_poll']} must be positive")
+    state = p["state"]
+    try:
+        if state == "present":
+            given = push_constraints(p)
+            ident = None
+        else:
+            ident = wanted_identity(p)
+            given = {}
+        dest = p["dest"] or (idm.build_dir(p["archive_root"], ident) if state == "fetched" else None)
+    except idm.IdentityError as exc:
+        module.fail_json(msg=str(exc))
 
+    if state == "present" and module.check_mode and not os.path.isfile(os.path.join(p["src"], "manifest.json")):
+        # check mode of a whole chain: the build this would push is not made yet
+        module.exit_json(changed=True, store=p["store"], key=None, sha256=None, size=None, store_requests=0,
+                         identity=None, msg=f"would push the build that src={p['src']!r} will hold once it is built")
     store = None
     try:
         if p["store"]:
@@ -312,16 +389,11 @@ def main() -> None:
                 if not s3store.HAS_BOTO3:
                     module.fail_json(msg=missing_required_lib("boto3"), exception=s3store.BOTO3_IMPORT_ERROR)
         store = open_store(p["store"], p)
-        ident = {field: p[field] for field in IDENTITY_FIELDS}
-        ident["module_type"] = p["module_type"] or default_module_type(p["driver"])
         owner = p["lock_owner"] or default_owner()
-        state = p["state"]
         if state == "present":
-            # options without a default that were given must agree with the manifest
-            given = {k: p[k] for k in NAMING + ["signing_key_fingerprint"] if p[k] is not None}
             result = ops.push(p["src"], store, given, p["compression_level"], module.check_mode, p["tmp_dir"])
         elif state == "fetched":
-            result = ops.pull(p["dest"], store, ident, p["channel"], p["legacy"], p["remote_check"], module.check_mode)
+            result = ops.pull(dest, store, ident, p["channel"], p["legacy"], p["remote_check"], module.check_mode)
         elif state == "query":
             result = ops.query(store, ident, p["channel"], p["legacy"])
         elif state == "absent":
@@ -330,7 +402,7 @@ def main() -> None:
             result = ops.lock(store, ident, owner, p["lock_ttl"], p["lock_wait"], p["lock_poll"], module.check_mode)
         else:
             result = ops.unlock(store, ident, owner, module.check_mode)
-    except (ArchiveError, StoreError) as exc:
+    except (ArchiveError, StoreError, idm.IdentityError) as exc:
         module.fail_json(msg=str(exc), store_requests=store.requests if store else 0)
     except OSError as exc:
         module.fail_json(msg=f"kmod_archive: {exc}", exception=traceback.format_exc())
@@ -341,6 +413,7 @@ def main() -> None:
         module.warn(f"kept the verified build in {result.get('dest')}: {result['remote_error']}")
     if not module._diff:
         result.pop("diff", None)
+    result.setdefault("identity", ident)
     module.exit_json(**result)
 
 

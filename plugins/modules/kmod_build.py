@@ -47,6 +47,8 @@ options:
     description:
       - Path of the developer container image (the uncompressed GPT disk image), for example
         RV(modulus.kmods.coreos_devcontainer#module:image_path). It is never modified.
+      - In check mode it may be missing (not fetched yet); the module then reports what it would build
+        from O(kernel_release) and O(os_version).
     type: path
     required: true
   recipe:
@@ -57,21 +59,40 @@ options:
   dest:
     description:
       - Output directory. It is replaced as a whole when a new build succeeds.
+      - Defaults to C(<archive_root>/<driver>/<driver_version>/<kernel_release>), the layout every module
+        of this collection uses, so the builds for the running and the pending kernel live side by side.
     type: path
-    required: true
+  archive_root:
+    description: Directory holding the builds of this host, laid out as described in O(dest).
+    type: path
+    default: /opt/modulus/archive
   kernel_release:
     description:
       - Kernel release to build for. Defaults to the only kernel under C(/usr/lib/modules) of the image.
-      - C(uname -r) inside the container is the host's kernel, so the target is always named explicitly.
+      - C(uname -r) inside the container is the host's kernel, so the kernel is always named explicitly.
     type: str
-  version:
+  os_version:
+    description:
+      - Release of the developer container. When given, the image must be of this release.
+      - Only needed in check mode before the image is fetched, to name the build that would be made.
+    type: str
+  board:
+    description:
+      - Board of the developer container, such as C(amd64-usr). Read from the image; only used in check
+        mode before the image is fetched.
+    type: str
+  driver_version:
     description:
       - With O(recipe=nvidia), the driver version, such as C(535.104.05) (required).
-      - With O(recipe=generic), a free version string recorded in the manifest (default C(0)).
+      - With O(recipe=generic), a version string recorded in the manifest (default C(0)).
     type: str
-  name:
-    description: Driver name recorded in the manifest; required with O(recipe=generic).
+    aliases: [version]
+  driver:
+    description:
+      - Driver name recorded in the manifest; required with O(recipe=generic).
+      - With O(recipe=nvidia) it is always C(nvidia).
     type: str
+    aliases: [name]
   arch:
     description: Architecture of the NVIDIA download. Defaults from the image board (C(amd64-usr) is C(x86_64)).
     type: str
@@ -96,14 +117,17 @@ options:
       - SHA-256 of the source file (C(.run) or tarball), optionally prefixed with C(sha256:). Enforced when given.
       - It also identifies a downloaded source for idempotence; without it a URL source is identified by its URL.
     type: str
-  kernel_module_type:
+  module_type:
     description:
       - NVIDIA only. V(proprietary) builds C(kernel/), V(open) builds C(kernel-open/).
       - V(auto) picks V(open) from driver branch 560 on (NVIDIA's default there, for Turing and newer
         GPUs) and V(proprietary) before (the only choice before R515, NVIDIA's recommendation up to R555).
+        M(modulus.kmods.kmod_archive) resolves V(auto) the same way, so a lookup finds the build.
+      - Builds of other drivers have one variant, recorded as C(default).
     type: str
     default: auto
     choices: [proprietary, open, auto]
+    aliases: [kernel_module_type]
   git_ref:
     description: Branch, tag or commit to check out with a git O(source).
     type: str
@@ -147,10 +171,11 @@ options:
     description: Parallel make jobs; C(0) uses every CPU the container sees.
     type: int
     default: 0
-  timeout:
-    description: Seconds the build may take inside the container.
+  run_timeout:
+    description: Seconds the build may take inside the container before its whole process group is killed.
     type: int
     default: 3600
+    aliases: [timeout]
   run_method:
     description: How to run the container (see M(modulus.kmods.coreos_devcontainer)).
     type: str
@@ -167,10 +192,13 @@ options:
     description: Verify TLS certificates of downloads.
     type: bool
     default: true
-  download_timeout:
-    description: Seconds a download (or git clone) may take.
+  network_timeout:
+    description:
+      - Seconds a download may go without progress before it counts as failed (the same meaning as in
+        M(modulus.kmods.coreos_devcontainer)); a git clone may take ten times this in all.
     type: int
     default: 600
+    aliases: [download_timeout]
 notes:
   - Needs root on the host (loop devices and systemd-nspawn, see M(modulus.kmods.coreos_devcontainer)).
   - NVIDIA builds need about 1.5 GB of free space next to O(dest).
@@ -184,32 +212,37 @@ EXAMPLES = r"""
   modulus.kmods.kmod_build:
     image: "{{ devc.image_path }}"
     recipe: nvidia
-    version: 535.104.05
-    kernel_module_type: proprietary
-    dest: /opt/modulus/archive/nvidia/535.104.05
+    driver_version: 535.104.05
+    module_type: proprietary
   register: build
+  # the build lands in /opt/modulus/archive/nvidia/535.104.05/<kernel_release>/
 
 - name: Same, from a local mirror, checksum pinned, modules signed for Secure Boot
   modulus.kmods.kmod_build:
     image: "{{ devc.image_path }}"
     recipe: nvidia
-    version: 550.54.14
+    driver_version: 550.54.14
     source: https://mirror.example.com/nvidia/NVIDIA-Linux-x86_64-550.54.14.run
     checksum: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
     signing_key: /etc/modulus/mok.key
     signing_cert: /etc/modulus/mok.crt
-    dest: /opt/modulus/archive/nvidia/550.54.14
 
 - name: Any Kbuild module from git
   modulus.kmods.kmod_build:
     image: "{{ devc.image_path }}"
     recipe: generic
-    name: v4l2loopback
-    version: 0.13.2
+    driver: v4l2loopback
+    driver_version: 0.13.2
     source: https://github.com/umlaeute/v4l2loopback.git
     git_ref: v0.13.2
     modules: [v4l2loopback]
-    dest: /opt/modulus/archive/v4l2loopback/0.13.2
+
+- name: Hand the build's identity to the store
+  modulus.kmods.kmod_archive:
+    state: present
+    store: s3://gpu-fleet-kmods/flatcar
+    src: "{{ build.dest }}"
+    identity: "{{ build.identity }}"
 """
 
 RETURN = r"""
@@ -217,6 +250,40 @@ dest:
   description: The output directory.
   returned: always
   type: str
+  sample: /opt/modulus/archive/nvidia/535.104.05/6.6.95-flatcar
+identity:
+  description:
+    - What names the build, the keys M(modulus.kmods.kmod_archive) takes as O(modulus.kmods.kmod_archive#module:identity).
+    - Returned in check mode and when the build is up to date too.
+  returned: unless the options are invalid
+  type: dict
+  contains:
+    os:
+      description: OS of the developer container (C(flatcar), or C(coreos) for legacy CoreOS Container Linux).
+      type: str
+    board:
+      description: Board, such as C(amd64-usr).
+      type: str
+    os_version:
+      description: Release of the developer container (null in check mode with no image and no O(os_version)).
+      type: str
+    kernel_release:
+      description: Kernel the modules are built for.
+      type: str
+    driver:
+      description: Driver name.
+      type: str
+    driver_version:
+      description: Driver version.
+      type: str
+    module_type:
+      description: C(proprietary) or C(open) for NVIDIA, C(default) for other drivers.
+      type: str
+    signer:
+      description: SHA-256 fingerprint of the module signing certificate, null for unsigned builds.
+      type: str
+  sample: {"os": "flatcar", "board": "amd64-usr", "os_version": "4459.2.1", "kernel_release": "6.6.95-flatcar",
+           "driver": "nvidia", "driver_version": "535.104.05", "module_type": "proprietary", "signer": null}
 kernel_release:
   description: Kernel the modules were built for.
   returned: success
@@ -233,7 +300,7 @@ driver_version:
   type: str
   sample: 535.261.03
 module_type:
-  description: C(proprietary) or C(open) for NVIDIA, null for generic builds.
+  description: C(proprietary) or C(open) for NVIDIA, C(default) for other drivers.
   returned: success
   type: str
 inputs_sha256:
@@ -300,15 +367,16 @@ import traceback  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.modulus.kmods.plugins.module_utils import kmodbuild  # noqa: E402
+from ansible_collections.modulus.kmods.plugins.module_utils import identity as idm  # noqa: E402
+from ansible_collections.modulus.kmods.plugins.module_utils import (
+    imageinfo,  # noqa: E402
+    kmodbuild,  # noqa: E402
+)
 
 
-def request_from(params: dict) -> kmodbuild.BuildRequest:
+def request_from(params: dict, dest: str) -> kmodbuild.BuildRequest:
     signing = None
     key, cert = params["signing_key"], params["signing_cert"]
-    if bool(key) != bool(cert):
-        given = "signing_key" if key else "signing_cert"
-        raise kmodbuild.InputError(f"signing_key and signing_cert must be given together (got {given} only)")
     if key:
         for opt, path in (("signing_key", key), ("signing_cert", cert)):
             if not path or not os.path.isfile(path):
@@ -316,15 +384,65 @@ def request_from(params: dict) -> kmodbuild.BuildRequest:
         signing = kmodbuild.SigningSpec(key_path=key, cert_path=cert, hash_algo=params["signing_hash"],
                                         cert_fingerprint=kmodbuild.cert_fingerprint(cert))
     return kmodbuild.BuildRequest(
-        recipe=params["recipe"], image=params["image"], dest=params["dest"],
-        kernel_release=params["kernel_release"], version=params["version"], name=params["name"],
+        recipe=params["recipe"], image=params["image"], dest=dest,
+        kernel_release=params["kernel_release"], version=params["driver_version"], name=params["driver"],
         arch=params["arch"], source=params["source"], url_template=params["url_template"],
-        checksum=params["checksum"], kernel_module_type=params["kernel_module_type"], git_ref=params["git_ref"],
+        checksum=params["checksum"], kernel_module_type=params["module_type"], git_ref=params["git_ref"],
         subdir=params["subdir"] or "", make_args=list(params["make_args"] or []), modules=params["modules"],
-        signing=signing, force=params["force"], timeout=float(params["timeout"]), jobs=params["jobs"],
+        signing=signing, force=params["force"], timeout=float(params["run_timeout"]), jobs=params["jobs"],
         run_method=params["run_method"], legacy_prepare=params["legacy_prepare"], channel=params["channel"],
-        validate_certs=params["validate_certs"], download_timeout=float(params["download_timeout"]),
+        validate_certs=params["validate_certs"], download_timeout=float(params["network_timeout"]),
     )
+
+
+def wanted_identity(params: dict, kernel_release: str | None) -> dict:
+    """The identity the options name, before the image is read (check mode with no image)."""
+    nvidia = params["recipe"] == "nvidia"
+    return idm.make_identity(
+        os="flatcar", board=params["board"] or "amd64-usr", os_version=params["os_version"],
+        kernel_release=kernel_release, driver="nvidia" if nvidia else params["driver"],
+        driver_version=params["driver_version"] or ("" if nvidia else "0"), module_type=params["module_type"],
+        signer=kmodbuild.cert_fingerprint(params["signing_cert"]) if params["signing_cert"] else None,
+        require=("kernel_release", "driver", "driver_version"))
+
+
+def identity_of(resolved: kmodbuild.Resolved) -> dict:
+    """The identity of a resolved build (read from the image)."""
+    release = resolved.image_release or {}
+    os_id = (release.get("ID") or ("coreos" if release.get("COREOS_RELEASE_VERSION") else "flatcar")).lower()
+    return idm.make_identity(
+        os=os_id, board=resolved.board or "amd64-usr", os_version=resolved.image_version,
+        kernel_release=resolved.kernel_release, driver=resolved.driver, driver_version=resolved.driver_version,
+        module_type=resolved.module_type or idm.DEFAULT_MODULE_TYPE,
+        signer=resolved.req.signing.cert_fingerprint if resolved.req.signing else None,
+        require=("kernel_release", "driver", "driver_version"))
+
+
+def default_dest(params: dict) -> str:
+    """<archive_root>/<driver>/<driver_version>/<kernel_release>; the kernel from the image when not given."""
+    kver = params["kernel_release"]
+    if not kver:
+        if not os.path.isfile(params["image"]):
+            raise kmodbuild.InputError(f"image={params['image']!r} is not a file; set kernel_release (or dest)")
+        kernels = list(imageinfo.image_info(params["image"]).kernel_releases)
+        if len(kernels) != 1:
+            raise kmodbuild.InputError("image={!r} holds {} kernels ({}); set kernel_release".format(
+                params["image"], len(kernels), ", ".join(kernels) or "no"))
+        kver = kernels[0]
+    return idm.build_dir(params["archive_root"], wanted_identity(params, kver))
+
+
+def check_without_image(module: AnsibleModule, result: dict) -> None:
+    """Check mode before the developer container is fetched: say what would be built."""
+    p = module.params
+    ident = wanted_identity(p, p["kernel_release"])
+    result.update(changed=True, identity=ident, kernel_release=ident["kernel_release"], driver=ident["driver"],
+                  driver_version=ident["driver_version"], module_type=ident["module_type"],
+                  reason=f"would fetch the developer container and build (image={p['image']!r} is not there yet)")
+    if module._diff:
+        result["diff"] = dict(before=kmodbuild.summary(kmodbuild.read_manifest(result["dest"])),
+                              after={k: ident[k] for k in ("kernel_release", "driver", "driver_version", "module_type")})
+    module.exit_json(**result)
 
 
 def main() -> None:
@@ -332,15 +450,19 @@ def main() -> None:
         argument_spec=dict(
             image=dict(type="path", required=True),
             recipe=dict(type="str", required=True, choices=["nvidia", "generic"]),
-            dest=dict(type="path", required=True),
+            dest=dict(type="path"),
+            archive_root=dict(type="path", default=idm.DEFAULT_ARCHIVE_ROOT),
             kernel_release=dict(type="str"),
-            version=dict(type="str"),
-            name=dict(type="str"),
+            os_version=dict(type="str"),
+            board=dict(type="str"),
+            driver_version=dict(type="str", aliases=["version"]),
+            driver=dict(type="str", aliases=["name"]),
             arch=dict(type="str", choices=["x86_64", "aarch64"]),
             source=dict(type="str"),
             url_template=dict(type="str", default=kmodbuild.NVIDIA_URL_TEMPLATE),
             checksum=dict(type="str"),
-            kernel_module_type=dict(type="str", default="auto", choices=["proprietary", "open", "auto"]),
+            module_type=dict(type="str", default="auto", choices=["proprietary", "open", "auto"],
+                             aliases=["kernel_module_type"]),
             git_ref=dict(type="str"),
             subdir=dict(type="str", default=""),
             make_args=dict(type="list", elements="str", default=[]),
@@ -351,44 +473,58 @@ def main() -> None:
             channel=dict(type="str"),
             force=dict(type="bool", default=False),
             jobs=dict(type="int", default=0),
-            timeout=dict(type="int", default=3600),
+            run_timeout=dict(type="int", default=3600, aliases=["timeout"]),
             run_method=dict(type="str", default="auto", choices=["auto", "image", "overlay", "chroot"]),
             legacy_prepare=dict(type="str", default="auto", choices=["auto", "always", "never"]),
             validate_certs=dict(type="bool", default=True),
-            download_timeout=dict(type="int", default=600),
+            network_timeout=dict(type="int", default=600, aliases=["download_timeout"]),
         ),
-        required_if=[("recipe", "nvidia", ("version",)), ("recipe", "generic", ("name", "source", "modules"))],
+        required_if=[("recipe", "nvidia", ("driver_version",)), ("recipe", "generic", ("driver", "source", "modules"))],
         required_together=[("signing_key", "signing_cert")],
         supports_check_mode=True,
     )
     p = module.params
     result: dict = dict(changed=False, dest=p["dest"], reason="", duration=0.0)
     try:
-        req = request_from(p)
+        if p["recipe"] == "nvidia" and p["driver"] not in (None, "nvidia"):
+            raise kmodbuild.InputError(f"driver={p['driver']!r}: the nvidia recipe always builds driver nvidia")
+        if p["board"]:
+            idm.check_board("board", p["board"])
+        if p["os_version"]:
+            idm.check_os_version("os_version", p["os_version"])
+        if module.check_mode and not os.path.exists(p["image"]):
+            result["dest"] = p["dest"] or idm.build_dir(p["archive_root"], wanted_identity(p, p["kernel_release"]))
+            check_without_image(module, result)
+        result["dest"] = dest = p["dest"] or default_dest(p)
+        req = request_from(p, dest)
         resolved, up_to_date, existing, why = kmodbuild.plan(req)
-    except kmodbuild.InputError as exc:
+        ident = identity_of(resolved)
+    except (kmodbuild.InputError, idm.IdentityError) as exc:
         module.fail_json(msg=str(exc), **result)
     except Exception as exc:  # image unreadable, debugfs missing ...
         module.fail_json(msg=f"cannot inspect image={p['image']!r}: {exc}", exception=traceback.format_exc(), **result)
+    if p["os_version"] and ident["os_version"] != p["os_version"]:
+        module.fail_json(msg=f"os_version={p['os_version']!r} but image={p['image']!r} is release {ident['os_version']}",
+                         **result)
 
-    result.update(kernel_release=resolved.kernel_release, driver=resolved.driver,
-                  driver_version=resolved.driver_version, module_type=resolved.module_type,
+    result.update(identity=ident, kernel_release=resolved.kernel_release, driver=resolved.driver,
+                  driver_version=resolved.driver_version, module_type=ident["module_type"],
                   inputs_sha256=resolved.inputs_sha256, reason=why)
     if up_to_date:
         result.update(modules=existing.get("modules", []), manifest=existing,
-                      source_sha256=existing.get("source_sha256"), build_log=f"{p['dest']}/build.log")
+                      source_sha256=existing.get("source_sha256"), build_log=f"{dest}/build.log")
         module.exit_json(**result)
 
     marker = kmodbuild.known_failure(resolved)
     if marker:
         result["build_log"] = marker.get("log")
-        marker_path = kmodbuild.marker_paths(p["dest"])[0]
+        marker_path = kmodbuild.marker_paths(dest)[0]
         module.fail_json(msg=f"a previous build with the same inputs failed ({marker_path}): {marker.get('message')};"
                              " not retrying until the inputs change or force=true", **result)
 
     before = kmodbuild.summary(existing)
     after = {"kernel_release": resolved.kernel_release, "driver": resolved.driver,
-             "driver_version": resolved.driver_version, "module_type": resolved.module_type,
+             "driver_version": resolved.driver_version, "module_type": ident["module_type"],
              "inputs_sha256": resolved.inputs_sha256}
     if module._diff:
         result["diff"] = dict(before=before, after=after)

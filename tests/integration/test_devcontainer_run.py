@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import (
-    DevcontainerError,
-    image_info,
-    mounts_under,
-    run_in_image,
-)
+from ansible_collections.modulus.kmods.plugins.module_utils.container import ContainerError as DevcontainerError
+from ansible_collections.modulus.kmods.plugins.module_utils.container import run_in_image
+from ansible_collections.modulus.kmods.plugins.module_utils.imageinfo import image_info
+from ansible_collections.modulus.kmods.plugins.module_utils.mounts import mounts_under
 from sim.kit import Kit
 
 METHODS = ["overlay", "chroot"] if shutil.which("systemd-nspawn") else ["chroot"]

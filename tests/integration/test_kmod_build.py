@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, kmodbuild
-from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import run_in_image
+from ansible_collections.modulus.kmods.plugins.module_utils.container import run_in_image
 from sim import ansible_run
 from sim.kit import Kit, cache_root
 from sim.nvidia import nvidia_run

@@ -59,3 +59,30 @@ def run_module(module: str, args: dict, *, check: bool = False, diff: bool = Fal
         return parse_result(proc.stdout), proc.stdout + proc.stderr
     except ValueError as exc:
         raise AssertionError(f"unexpected ansible output (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from exc
+
+
+def run_playbook(playbook: str | os.PathLike[str], inventory: str | os.PathLike[str], *, limit: str | None = None,
+                 extra_vars: dict | None = None, check: bool = False, diff: bool = False,
+                 tree_dir: str | os.PathLike[str] | None = None, timeout: float = 3600) -> tuple[int, str, dict]:
+    """``ansible-playbook`` of one of the collection's playbooks; return (rc, output, last result per host).
+
+    The last result of each host (the ``tree`` callback's file, so the playbook's closing task) is read
+    back as JSON when ``tree_dir`` is given."""
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(playbook)]
+    if limit:
+        cmd += ["--limit", limit]
+    if extra_vars:
+        cmd += ["--extra-vars", json.dumps(extra_vars)]
+    if check:
+        cmd.append("--check")
+    if diff:
+        cmd.append("--diff")
+    env = ansible_env()
+    if tree_dir is not None:
+        env.update({"ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.tree", "ANSIBLE_CALLBACK_TREE_DIR": str(tree_dir)})
+    proc = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout, check=False)
+    last: dict = {}
+    if tree_dir is not None and Path(tree_dir).is_dir():
+        for path in Path(tree_dir).iterdir():
+            last[path.name] = json.loads(path.read_text())
+    return proc.returncode, proc.stdout + proc.stderr, last

@@ -1061,10 +1061,17 @@ esac
 """
 
 
-def _usr_partition_image(path: Path, label: str, version: str | None, board: str, legacy: bool) -> None:
-    """A small ext4 image with what a /usr partition holds of its release (or empty: never written)."""
+def _usr_partition_image(path: Path, label: str, version: str | None, board: str, legacy: bool,
+                         kernel: str | None = None) -> None:
+    """A small ext4 image with what a /usr partition holds of its release (or empty: never written):
+    its release files and its kernel's module directory ``lib/modules/<kernel>/`` (with an index)."""
     with tempfile.TemporaryDirectory(prefix="sim-usr-") as d:
         tree = Path(d)
+        if version is not None and kernel is not None:
+            moddir = tree / "lib/modules" / kernel
+            _write(moddir / "modules.dep", "")
+            _write(moddir / "modules.builtin", "")
+            (moddir / "kernel").mkdir(parents=True, exist_ok=True)
         if version is not None:
             if legacy:
                 _write(tree / "lib/os-release", coreos_os_release_text(version, board))
@@ -1125,8 +1132,9 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
     booted_uuid, other_uuid = (USR_A_PARTUUID, USR_B_PARTUUID) if booted == "A" else (USR_B_PARTUUID, USR_A_PARTUUID)
     booted_label, other_label = ("USR-A", "USR-B") if booted == "A" else ("USR-B", "USR-A")
     by_label = root / "dev/disk/by-partlabel"
-    _usr_partition_image(by_label / booted_label, booted_label, version, board, legacy)
-    _usr_partition_image(by_label / other_label, other_label, other_version, pending.board, legacy)
+    _usr_partition_image(by_label / booted_label, booted_label, version, board, legacy, current.kernel)
+    _usr_partition_image(by_label / other_label, other_label, other_version, pending.board, legacy,
+                         pending.kernel if written else None)
     _symlink(f"../by-partlabel/{booted_label}", root / "dev/disk/by-partuuid" / booted_uuid)
     _symlink(f"../by-partlabel/{other_label}", root / "dev/disk/by-partuuid" / other_uuid)
     prefix = "coreos" if legacy else "flatcar"

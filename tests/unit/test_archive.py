@@ -19,10 +19,12 @@ import pytest
 from ansible_collections.modulus.kmods.plugins.module_utils import archive as ar
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
 from ansible_collections.modulus.kmods.plugins.module_utils import lease as ls
+from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
+from ansible_collections.modulus.kmods.plugins.module_utils.identity import identity_from_manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import FileStore, StoreError, open_store
 from sim.kmod_archive_fixtures import IDENT, make_build, make_legacy_archive, manifest_of
 
-IDENTITY = {k: IDENT[k] for k in ar.IDENTITY_FIELDS}
+IDENTITY = identity_from_manifest(IDENT)
 KEY = "flatcar/amd64-usr/9001.1.0/6.1.0-47-amd64/nvidia/535.261.03/proprietary-unsigned.tar.gz"
 
 
@@ -42,17 +44,19 @@ def store(tmp_path: Path) -> FileStore:
 # ----------------------------------------------------------------------------- keys
 
 def test_key_layout_from_manifest(build: Path) -> None:
-    ident = ar.identity_from_manifest(manifest_of(build))
+    ident = identity_from_manifest(manifest_of(build))
     assert ar.archive_key(ident) == KEY
     assert ar.archive_key(ident, "/fleet//flatcar/") == "fleet/flatcar/" + KEY
-    signed = dict(ident, signing_key_fingerprint="AB12 CD34", module_type="open")
+    signed = dict(ident, signer="AB12 CD34", module_type="open")
     assert ar.archive_key(signed).endswith("/open-signed-ab12cd34.tar.gz")
+    assert ar.archive_key(dict(ident, signer="ab:12:cd:34")).endswith("/proprietary-signed-ab12cd34.tar.gz")
     assert ar.legacy_key("9001.1.0", "stable", "nvidia", "535.261.03", "old") == "old/9001.1.0-stable-nvidia-535.261.03.tar.gz"
     assert ar.lease_key(KEY) == KEY[: -len(".tar.gz")] + ".lease"
 
 
 @pytest.mark.parametrize("field,value", [("driver", "../etc"), ("os_version", "a/b"), ("kernel_release", ""),
-                                         ("driver_version", "..")])
+                                         ("driver_version", ".."), ("driver", "nvidia\n"),
+                                         ("kernel_release", "6.1.0-47-amd64\n"), ("signer", "ab/cd")])
 def test_key_refuses_unsafe_components(field: str, value: str) -> None:
     with pytest.raises(ar.ArchiveError, match=field):
         ar.archive_key(dict(IDENTITY, **{field: value}))
@@ -112,11 +116,11 @@ def test_pack_refuses_a_tree_that_does_not_match(build: Path, tmp_path: Path) ->
 
 def test_verify_tree_reports_each_problem(build: Path) -> None:
     manifest = manifest_of(build)
-    assert ar.verify_tree(str(build), manifest) == []
+    assert mf.verify_tree(str(build), manifest) == []
     (build / "extra.txt").write_text("x")
     (build / "lib/modules/6.1.0-47-amd64/nvidia.ko").unlink()
     (build / "build.log").write_text("changed")
-    problems = "\n".join(ar.verify_tree(str(build), manifest))
+    problems = "\n".join(mf.verify_tree(str(build), manifest))
     assert "extra.txt" in problems and "nvidia.ko" in problems and "build.log" in problems
 
 
@@ -183,7 +187,7 @@ def test_file_store_round_trip_and_idempotence(build: Path, store: FileStore, tm
     dest = tmp_path / "dest"
     pulled = ops.pull(str(dest), store, IDENTITY, "stable")
     assert pulled["changed"] and pulled["sha256"] == first["sha256"]
-    assert ar.verify_tree(str(dest), manifest_of(dest)) == []
+    assert mf.verify_tree(str(dest), manifest_of(dest)) == []
     assert (dest / "lib/libnvidia-ml.so.1").is_symlink()
     assert dest.stat().st_mode & 0o777 == 0o755 and (dest / "bin/nvidia-smi").stat().st_mode & 0o777 == 0o755
     requests = store.requests
@@ -221,11 +225,11 @@ def test_replaced_object_is_refused_and_dest_kept(build: Path, store: FileStore,
     # other bytes with matching metadata: caught by the manifest of another build
     bad = make_build(tmp_path / "bad", ident={"driver_version": "999.1"})
     sha, size = ar.pack_tree(str(bad), manifest_of(bad), str(tmp_path / "bad.tar.gz"))
-    store.upload(str(tmp_path / "bad.tar.gz"), KEY, sha, ar.manifest_sha256(manifest_of(bad)), size)
+    store.upload(str(tmp_path / "bad.tar.gz"), KEY, sha, mf.manifest_sha256(manifest_of(bad)), size)
     with pytest.raises(ar.ArchiveError, match="another build"):
         ops.pull(str(dest), store, IDENTITY, "stable", remote_check=True)
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == snapshot
-    assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name or ".download-" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no workspace left
 
 
 def test_legacy_archive_is_imported(store: FileStore, tmp_path: Path) -> None:
@@ -326,7 +330,7 @@ def test_failed_push_leaves_nothing_behind(build: Path, store: FileStore) -> Non
     (build / "build.log").write_bytes(b"x" * (build / "build.log").stat().st_size)  # same size, other bytes
     with pytest.raises(ar.ArchiveError, match="build.log"):
         ops.push(str(build), store, {})
-    assert [p.name for p in build.parent.iterdir() if p.name.startswith(".kmod_archive-")] == []
+    assert [p.name for p in build.parent.iterdir() if p.name.startswith(".")] == []
     assert store.head(KEY) is None and "archive" not in manifest_of(build)
 
 
@@ -420,10 +424,10 @@ def test_lock_check_mode_predicts_without_touching(store: FileStore) -> None:
     assert ops.unlock(store, IDENTITY, "me")["changed"] and store.read_small(lkey) is None
 
 
-def test_default_module_type_follows_the_driver() -> None:
-    from ansible_collections.modulus.kmods.plugins.module_utils.archive import default_module_type
-
-    assert default_module_type("nvidia") == "proprietary"
-    assert default_module_type("NVIDIA") == "proprietary"
-    assert default_module_type("modulus-hello") == "default"
-    assert default_module_type(None) == "default"
+def test_build_without_module_type_is_stored_as_default(tmp_path: Path) -> None:
+    """A generic build (or an old manifest with module_type null) gets the ``default`` variant."""
+    generic = make_build(tmp_path / "g", ident={"driver": "modulus-hello", "driver_version": "1.0",
+                                                "module_type": None})
+    ident = identity_from_manifest(manifest_of(generic))
+    assert ident["module_type"] == "default"
+    assert ar.archive_key(ident).endswith("/modulus-hello/1.0/default-unsigned.tar.gz")

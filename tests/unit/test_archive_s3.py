@@ -11,12 +11,14 @@ import pytest
 from ansible_collections.modulus.kmods.plugins.module_utils import archive as ar
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
 from ansible_collections.modulus.kmods.plugins.module_utils import lease as ls
+from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
+from ansible_collections.modulus.kmods.plugins.module_utils.identity import identity_from_manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.s3store import S3Store
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import StoreError, open_store
 from sim.kmod_archive_fixtures import IDENT, make_build, manifest_of
 from sim.s3 import TEST_KEY_ID, TEST_SECRET, MotoServer, client, enable_auth, free_port, new_bucket, s3_endpoint
 
-IDENTITY = {k: IDENT[k] for k in ar.IDENTITY_FIELDS}
+IDENTITY = identity_from_manifest(IDENT)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +48,13 @@ def test_round_trip_and_request_counts(endpoint: str, tmp_path: Path) -> None:
     assert res["changed"]
     head = client(endpoint).head_object(Bucket=bucket, Key="fleet/" + res["key"])
     assert head["Metadata"]["sha256"] == res["sha256"] == manifest_of(src)["archive"]["sha256"]
-    assert head["Metadata"]["manifest-sha256"] == ar.manifest_sha256(manifest_of(src))
+    assert head["Metadata"]["manifest-sha256"] == mf.manifest_sha256(manifest_of(src))
     store = s3(endpoint, bucket)
     again = ops.push(str(src), store, {})
     assert not again["changed"] and store.requests == 1 and again["store_requests"] == 1
     dest = tmp_path / "dest"
     pulled = ops.pull(str(dest), s3(endpoint, bucket), IDENTITY, "stable")
-    assert pulled["changed"] and ar.verify_tree(str(dest), manifest_of(dest)) == []
+    assert pulled["changed"] and mf.verify_tree(str(dest), manifest_of(dest)) == []
     store = s3(endpoint, bucket)
     noop = ops.pull(str(dest), store, IDENTITY, "stable")
     assert not noop["changed"] and store.requests == 1

@@ -1,5 +1,5 @@
-"""Developer container cache, introspection and the module's plan, without root: real debugfs on a
-small Flatcar-shaped image, real files, file:// downloads signed by a throwaway key."""
+"""What coreos_devcontainer does (plan and ensure), without root: real debugfs on a small
+Flatcar-shaped image, real files, file:// downloads signed by a throwaway key."""
 
 from __future__ import annotations
 
@@ -9,38 +9,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_imageinfo import make_image
 
 from ansible_collections.modulus.kmods.plugins.module_utils import devcontainer as dc
-from ansible_collections.modulus.kmods.plugins.module_utils.flatcar_keys import FLATCAR_KEY_FINGERPRINT
-from ansible_collections.modulus.kmods.plugins.module_utils.gpt import LINUX_FS_TYPE
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import parse_colons_primaries
 
-SGDISK = shutil.which("sgdisk") or "/usr/sbin/sgdisk"
-MKFS = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
-DEBUGFS = shutil.which("debugfs") or "/usr/sbin/debugfs"
-NEEDS_TOOLS = pytest.mark.skipif(not all(os.path.exists(t) for t in (SGDISK, MKFS, DEBUGFS)) or not shutil.which("gpg"),
-                                 reason="needs gdisk, e2fsprogs and gpg")
+NEEDS_TOOLS = pytest.mark.skipif(not all(shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+                                     for t in ("sgdisk", "mkfs.ext4", "debugfs", "gpg", "bzip2")),
+                                 reason="needs gdisk, e2fsprogs, bzip2 and gpg")
 NAME = "flatcar_developer_container.bin.bz2"
-
-
-def make_image(path: Path, version: str, kernels: dict[str, bool], board: str = "amd64-usr") -> Path:
-    """GPT + ext4 ROOT at 2 MiB holding /usr/lib/modules/<k>[/build] and the release files."""
-    tree = path.parent / f"tree-{path.name}"
-    for kver, with_build in kernels.items():
-        (tree / "usr/lib/modules" / kver).mkdir(parents=True)
-        if with_build:
-            (tree / "usr/lib/modules" / kver / "build").mkdir()
-    (tree / "usr/share/flatcar").mkdir(parents=True)
-    (tree / "usr/share/flatcar/release").write_text(f"FLATCAR_RELEASE_VERSION={version}\nFLATCAR_RELEASE_BOARD={board}\n")
-    (tree / "usr/lib/os-release").write_text(f'ID=flatcar\nVERSION_ID={version}\nNAME="Flatcar Container Linux"\n')
-    with open(path, "wb") as fh:
-        fh.truncate(12 << 20)
-    subprocess.run([SGDISK, "-n", "9:4096:+8M", "-c", "9:ROOT", "-t", f"9:{LINUX_FS_TYPE}", str(path)], check=True,
-                   capture_output=True)
-    subprocess.run([MKFS, "-q", "-F", "-L", "ROOT", "-d", str(tree), "-E", "offset=2097152", str(path), "8M"],
-                   check=True, capture_output=True)
-    shutil.rmtree(tree)
-    return path
 
 
 class Signer:
@@ -80,77 +57,13 @@ def host_root(tmp_path: Path, version: str = "9001.1.0", group: str = "stable", 
     return root
 
 
-# ------------------------------------------------------------------ introspection
-
-
-@NEEDS_TOOLS
-def test_image_info_reads_kernels_and_release_without_mounting(tmp_path: Path) -> None:
-    kernels = {"6.1.0-50-amd64": True, "6.1.0-9-amd64": True, "6.1.0-10-amd64": False}
-    image = make_image(tmp_path / "img.bin", "9001.2.0", kernels)
-    info = dc.image_info(str(image))
-    assert info.kernel_releases == ["6.1.0-9-amd64", "6.1.0-50-amd64"]  # numeric order, only those with build
-    assert (info.version, info.board, info.root_offset, info.root_size) == ("9001.2.0", "amd64-usr", 2097152, 8 << 20)
-    assert info.release["ID"] == "flatcar"
-
-
-@NEEDS_TOOLS
-def test_image_info_without_build_dirs_lists_every_kernel(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "img.bin", "9001.2.0", {"5.15.0": False})
-    assert dc.image_info(str(image)).kernel_releases == ["5.15.0"]
-
-
-def test_parse_debugfs_ls() -> None:
-    text = "/2/040755/0/0/.//\n/2/040755/0/0/..//\n/12/040755/0/0/6.1.0-50-amd64//\n/13/100644/0/0/modules.dep/120/\n\n"
-    assert dc.parse_debugfs_ls(text) == [("6.1.0-50-amd64", 0o40755), ("modules.dep", 0o100644)]
-
-
-# ------------------------------------------------------------------ cache
-
-
-def fake_cached(cache: Path, version: str, fingerprint: str = FLATCAR_KEY_FINGERPRINT) -> dc.CacheEntry:
-    entry = dc.CacheEntry(str(cache), "amd64-usr", version)
-    os.makedirs(entry.directory)
-    Path(entry.image_path).write_bytes(b"image " + version.encode())
-    dc.write_metadata(entry, {"verified": True, "fingerprint": fingerprint, "url": "file:///x"})
-    return entry
-
-
-def test_cached_ok_checks_metadata_size_mtime_and_fingerprint(tmp_path: Path) -> None:
-    entry = fake_cached(tmp_path, "9001.1.0")
-    assert dc.cached_ok(entry, [FLATCAR_KEY_FINGERPRINT])["url"] == "file:///x"
-    assert dc.cached_ok(entry, ["A" * 40]) is None
-    with open(entry.image_path, "ab") as fh:
-        fh.write(b"tampered")
-    assert dc.cached_ok(entry) is None
-    os.unlink(entry.metadata_path)
-    assert dc.cached_ok(entry) is None
-
-
-def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
-    for version in ("9001.1.0", "9001.10.0", "9001.2.0", "8999.0.0"):
-        fake_cached(tmp_path, version)
-    assert dc.cached_versions(str(tmp_path), "amd64-usr") == ["8999.0.0", "9001.1.0", "9001.2.0", "9001.10.0"]
-    assert dc.prune(str(tmp_path), "amd64-usr", 2, protect=("8999.0.0",), check_mode=True) == ["9001.1.0"]
-    assert len(dc.cached_versions(str(tmp_path), "amd64-usr")) == 4
-    assert dc.prune(str(tmp_path), "amd64-usr", 2, protect=("8999.0.0",)) == ["9001.1.0"]
-    assert dc.cached_versions(str(tmp_path), "amd64-usr") == ["8999.0.0", "9001.2.0", "9001.10.0"]
-    assert dc.prune(str(tmp_path), "amd64-usr", 0) == []
-
-
-def test_remove_entry(tmp_path: Path) -> None:
-    entry = fake_cached(tmp_path, "9001.1.0")
-    assert dc.remove_entry(entry, check_mode=True) is True and os.path.exists(entry.image_path)
-    assert dc.remove_entry(entry) is True and not os.path.exists(entry.directory)
-    assert dc.remove_entry(entry) is False
-
-
-@pytest.mark.parametrize("value", ["..", "a/b", "", "x y", "9001.1.0\0"])
-def test_path_components_are_checked(value: str) -> None:
-    with pytest.raises(ValueError, match="board="):
-        dc.check_component("board", value)
-
-
 # ------------------------------------------------------------------ options and command lines
+
+
+@pytest.mark.parametrize("value", ["..", "a/b", "", "x y", "stable\0", "stable\n"])
+def test_names_are_checked_whole(value: str) -> None:
+    with pytest.raises(ValueError, match="channel="):
+        dc.check_component("channel", value)
 
 
 def test_parse_bind() -> None:
@@ -158,39 +71,6 @@ def test_parse_bind() -> None:
     assert dc.parse_bind("binds_rw", "/opt/out") == ("/opt/out", "/opt/out")
     with pytest.raises(dc.RequestError, match="binds_ro entry 'relative:/x'"):
         dc.parse_bind("binds_ro", "relative:/x")
-
-
-def test_nspawn_command_line(tmp_path: Path) -> None:
-    if not shutil.which("systemd-nspawn"):
-        pytest.skip("systemd-nspawn is not installed")
-    args = dc.nspawn_args(["-D", "/m"], ["make", "-C", "/src"], [("/h/src", "/src")], [("/h/out", "/out")],
-                          {"B": "2", "A": "1"}, "/src")
-    assert args[1:6] == ["--keep-unit", "--register=no", "--as-pid2", "--quiet", "--console=pipe"]
-    assert args[args.index("--") + 1:] == ["make", "-C", "/src"]
-    assert "--bind-ro=/h/src:/src" in args and "--bind=/h/out:/out" in args
-    assert args.index("--setenv=A=1") < args.index("--setenv=B=2") and "--chdir=/src" in args
-
-
-def test_run_in_image_validates_before_touching_anything(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="command must be a non-empty list"):
-        dc.run_in_image(str(tmp_path / "x"), [])
-    with pytest.raises(ValueError, match="binds_rw entry"):
-        dc.run_in_image(str(tmp_path / "x"), ["true"], binds_rw=[(str(tmp_path / "missing"), "/out")])
-    with pytest.raises(ValueError, match="env key"):
-        dc.run_in_image(str(tmp_path / "x"), ["true"], env={"BAD-NAME": "1"})
-    with pytest.raises(ValueError, match="method='vm'"):
-        dc.run_in_image(str(tmp_path / "x"), ["true"], method="vm")
-
-
-def test_choose_method() -> None:
-    assert dc.choose_method("chroot") == "chroot"
-    auto = dc.choose_method("auto")
-    if not shutil.which("systemd-nspawn"):
-        assert auto == "chroot"
-    elif os.path.isdir("/run/systemd/system"):
-        assert auto == "image"
-    else:
-        assert auto == "overlay"
 
 
 # ------------------------------------------------------------------ plan and ensure (file:// mirror)
@@ -226,6 +106,21 @@ def test_plan_errors_name_the_option(tmp_path: Path) -> None:
         dc.plan(dc.Request(release="1.2.3", board="amd64-usr", channel="stable", decompressor="xz"))
     with pytest.raises(dc.RequestError, match="image_name="):
         dc.plan(dc.Request(release="1.2.3", board="amd64-usr", channel="stable", image_name="a.bin"))
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("board", "amd64-usr\n"), ("board", "../amd64-usr"), ("board", "amd64 usr"),
+    ("channel", "stable\n"), ("channel", ".."),
+    ("release", "4459.2.1\n"),
+])
+def test_plan_refuses_a_trailing_newline_or_a_path(tmp_path: Path, option: str, value: str) -> None:
+    fields = {"release": "4459.2.1", "board": "amd64-usr", "channel": "stable", option: value}
+    req = dc.Request(host_root=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"), **fields)
+    with pytest.raises(dc.RequestError, match=f"{option}="):
+        dc.plan(req)
+    with pytest.raises(dc.RequestError, match=f"{option}="):
+        dc.ensure(req)
+    assert not (tmp_path / "cache").exists()  # no directory named with a newline
 
 
 @NEEDS_TOOLS

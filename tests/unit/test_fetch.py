@@ -8,14 +8,14 @@ import hashlib
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_http import Server
 
 from ansible_collections.modulus.kmods.plugins.module_utils import fetch as fm
+from ansible_collections.modulus.kmods.plugins.module_utils import http
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import LINUX_FS_TYPE
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring, parse_colons_primaries
 
@@ -64,62 +64,10 @@ class Release:
         return hashlib.sha256(self.raw.read_bytes()).hexdigest()
 
 
-class Server:
-    """Files by path, plus faults: a status for a path prefix, or a connection cut after N bytes."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.status: dict[str, int] = {}
-        self.cuts: list[list] = []  # [substr, nbytes, times]
-        self.hits: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                server.hits.append(self.path)
-                for prefix, status in server.status.items():
-                    if self.path.startswith(prefix):
-                        self._empty(status)
-                        return
-                body = server.files.get(self.path)
-                if body is None:
-                    self._empty(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                for cut in server.cuts:
-                    if self.path.endswith(cut[0]) and cut[2] > 0:
-                        cut[2] -= 1
-                        self.wfile.write(body[:cut[1]])
-                        self.wfile.flush()
-                        self.close_connection = True
-                        return
-                self.wfile.write(body)
-
-            def _empty(self, status: int) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
+class FetchServer(Server):
     def publish(self, prefix: str, release: Release, sig: bytes | None = None, body: bytes | None = None) -> None:
         self.files[f"{prefix}/{NAME}"] = release.bz2 if body is None else body
         self.files[f"{prefix}/{NAME}.sig"] = release.sig if sig is None else sig
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +76,8 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
+def server() -> Iterator[FetchServer]:
+    srv = FetchServer()
     yield srv
     srv.close()
 
@@ -220,7 +168,7 @@ def test_decompressors_multistream_and_truncation(tmp_path: Path, which_one: str
 
 
 @pytest.mark.parametrize("decompressor", ["python", "auto"])
-def test_good_download_is_verified_sparse_and_identical(release: Release, server: Server, tmp_path: Path,
+def test_good_download_is_verified_sparse_and_identical(release: Release, server: FetchServer, tmp_path: Path,
                                                         decompressor: str) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     logs: list[str] = []
@@ -236,18 +184,18 @@ def test_good_download_is_verified_sparse_and_identical(release: Release, server
     assert result.source == "url_template" and result.attempts == 1
 
 
-def test_flipped_byte_is_rejected_and_nothing_is_left(release: Release, server: Server, tmp_path: Path) -> None:
+def test_flipped_byte_is_rejected_and_nothing_is_left(release: Release, server: FetchServer, tmp_path: Path) -> None:
     body = bytearray(release.bz2)
     body[len(body) // 3] ^= 0x01
     server.publish("/stable/amd64-usr/9001.2.0", release, body=bytes(body))
     dest = tmp_path / "cache" / "img.bin"
-    with pytest.raises(fm.FetchError) as err:
+    with pytest.raises(http.FetchError) as err:
         fetch(release, server, dest, decompressor="python")
     assert isinstance(err.value, (fm.SignatureError, fm.DecompressError))
     assert leftovers(dest.parent) == []
 
 
-def test_signature_of_other_data_is_rejected(release: Release, server: Server, tmp_path: Path) -> None:
+def test_signature_of_other_data_is_rejected(release: Release, server: FetchServer, tmp_path: Path) -> None:
     other_sig = release._gpg("--detach-sign", "-o", "-", input=b"something else").stdout
     server.publish("/stable/amd64-usr/9001.2.0", release, sig=other_sig)
     dest = tmp_path / "cache" / "img.bin"
@@ -257,14 +205,14 @@ def test_signature_of_other_data_is_rejected(release: Release, server: Server, t
     assert sum(1 for h in server.hits if h.endswith(".bz2")) == 1  # a bad signature is not retried
 
 
-def test_missing_signature_fails_without_downloading(release: Release, server: Server, tmp_path: Path) -> None:
+def test_missing_signature_fails_without_downloading(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.files["/stable/amd64-usr/9001.2.0/" + NAME] = release.bz2
-    with pytest.raises(fm.NotFound, match=r"\.sig"):
+    with pytest.raises(http.NotFound, match=r"\.sig"):
         fetch(release, server, tmp_path / "cache" / "img.bin")
     assert not any(h.endswith(".bz2") for h in server.hits)
 
 
-def test_404_on_the_channel_host_uses_the_fallback(release: Release, server: Server, tmp_path: Path) -> None:
+def test_404_on_the_channel_host_uses_the_fallback(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/bincache/amd64/9001.2.0", release)
     result = fetch(release, server, tmp_path / "cache" / "img.bin")
     assert result.source == "fallback_url_template"
@@ -272,7 +220,7 @@ def test_404_on_the_channel_host_uses_the_fallback(release: Release, server: Ser
     assert "/stable/amd64-usr/9001.2.0/" + NAME + ".sig" in server.hits
 
 
-def test_interrupted_download_is_restarted(release: Release, server: Server, tmp_path: Path) -> None:
+def test_interrupted_download_is_restarted(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     cut = ["/stable/amd64-usr/9001.2.0/" + NAME, 200000, 2]
     server.cuts.append(cut)
@@ -283,19 +231,19 @@ def test_interrupted_download_is_restarted(release: Release, server: Server, tmp
     assert hashlib.sha256((tmp_path / "cache" / "img.bin").read_bytes()).hexdigest() == release.sha_raw()
 
 
-def test_connection_cut_every_time_fails_cleanly(release: Release, server: Server, tmp_path: Path) -> None:
+def test_connection_cut_every_time_fails_cleanly(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     server.cuts.append([NAME, 100000, 100])
     dest = tmp_path / "cache" / "img.bin"
-    with pytest.raises(fm.TransientError, match="after 3 attempt"):
+    with pytest.raises(http.TransientError, match="after 3 attempt"):
         fetch(release, server, dest, retries=2)
     assert leftovers(dest.parent) == []
 
 
-def test_server_error_is_transient(release: Release, server: Server, tmp_path: Path) -> None:
+def test_server_error_is_transient(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     server.status["/stable/amd64-usr/9001.2.0/" + NAME] = 503
-    with pytest.raises(fm.TransientError, match="HTTP 503"):
+    with pytest.raises(http.TransientError, match="HTTP 503"):
         fetch(release, server, tmp_path / "cache" / "img.bin", retries=1)
     assert leftovers(tmp_path / "cache") == []
 
@@ -310,32 +258,32 @@ def test_file_urls_work(release: Release, tmp_path: Path) -> None:
     assert result.url.startswith("file://")
 
 
-def test_free_space_is_checked_first(release: Release, server: Server, tmp_path: Path) -> None:
+def test_free_space_is_checked_first(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
-    with pytest.raises(fm.FetchError, match="not enough free space"):
+    with pytest.raises(http.FetchError, match="not enough free space"):
         fetch(release, server, tmp_path / "cache" / "img.bin", min_free_space=1 << 60)
     assert leftovers(tmp_path / "cache") == []
 
 
-def test_signed_file_that_is_not_a_disk_image_is_refused(release: Release, server: Server, tmp_path: Path) -> None:
+def test_signed_file_that_is_not_a_disk_image_is_refused(release: Release, server: FetchServer, tmp_path: Path) -> None:
     body = bz2.compress(b"hello" * 1000)
     sig = release._gpg("--detach-sign", "-o", "-", input=body).stdout
     server.publish("/stable/amd64-usr/9001.2.0", release, sig=sig, body=body)
-    with pytest.raises(fm.FetchError, match="not a developer container"):
+    with pytest.raises(http.FetchError, match="not a developer container"):
         fetch(release, server, tmp_path / "cache" / "img.bin")
     assert leftovers(tmp_path / "cache") == []
 
 
-def test_stale_partial_files_are_removed(release: Release, server: Server, tmp_path: Path) -> None:
+def test_stale_partial_files_are_removed(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / (fm.PARTIAL_PREFIX + "img.bin.abc123")).write_bytes(b"half")
+    (cache / (http.PARTIAL_PREFIX + "img.bin.abc123")).write_bytes(b"half")
     fetch(release, server, cache / "img.bin")
     assert leftovers(cache) == ["img.bin"]
 
 
-def test_wrong_key_fails_before_the_body_is_downloaded(release: Release, server: Server, tmp_path: Path) -> None:
+def test_wrong_key_fails_before_the_body_is_downloaded(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release)
     other = tmp_path / "other"
     other.mkdir(mode=0o700)
@@ -350,7 +298,7 @@ def test_wrong_key_fails_before_the_body_is_downloaded(release: Release, server:
     assert leftovers(tmp_path / "cache") == []
 
 
-def test_garbage_signature_fails_before_the_body_is_downloaded(release: Release, server: Server, tmp_path: Path) -> None:
+def test_garbage_signature_fails_before_the_body_is_downloaded(release: Release, server: FetchServer, tmp_path: Path) -> None:
     server.publish("/stable/amd64-usr/9001.2.0", release, sig=b"<html>not a signature</html>")
     with pytest.raises(fm.SignatureError, match="not an OpenPGP signature"):
         fetch(release, server, tmp_path / "cache" / "img.bin")

@@ -50,10 +50,13 @@ def fake_update_engine(root: Path, status: str, rc: int = 0) -> list[str]:
     return [str(script)]
 
 
-def ext4_usr(path: Path, tmp_path: Path, version: str) -> Path:
-    tree = tmp_path / f"usrtree-{version}"
+def ext4_usr(path: Path, tmp_path: Path, version: str, kernels: tuple[str, ...] = ()) -> Path:
+    tree = tmp_path / f"usrtree-{version}-{path.name}"
     (tree / "lib").mkdir(parents=True)
     (tree / "lib" / "os-release").write_text(f'ID=flatcar\nVERSION={version}\nVERSION_ID={version}\nNAME="Flatcar"\n')
+    for kver in kernels:
+        (tree / "lib" / "modules" / kver / "kernel").mkdir(parents=True)
+        (tree / "lib" / "modules" / kver / "modules.dep").write_text("")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         fh.truncate(4 << 20)
@@ -232,3 +235,82 @@ def test_zero_version_without_cmdline_picks_the_partition_that_differs(tmp_path:
     (root / "dev/disk/by-partuuid").mkdir(parents=True)
     os.symlink("/dev/vda4", root / "dev/disk/by-partuuid" / fr.USR_B_UUID)  # absolute: inside host_root
     assert fr.resolve_release("pending", str(root)).version == "4459.2.4"
+
+
+# ------------------------------------------------------------------ the target of a build, read from the host
+
+
+def test_unknown_update_engine_state_is_refused_with_its_raw_text(tmp_path: Path) -> None:
+    root = flatcar_root(tmp_path)
+    fake_update_engine(root, REAL_STATUS.replace("UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_NEW_THING"))
+    with pytest.raises(fr.ReleaseError, match=r"CURRENT_OP='UPDATE_STATUS_NEW_THING'.*NEW_VERSION=4459\.2\.2"):
+        fr.resolve_release("pending", str(root))
+
+
+def test_a_hung_update_engine_client_is_killed_with_its_children(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = write(tmp_path, "uec", f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n", mode=0o755)
+    with pytest.raises(fr.ReleaseError, match="did not answer within 0.5 s"):
+        fr.query_update_engine([str(script)], timeout=0.5)
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{child}") or " Z " in Path(f"/proc/{child}/stat").read_text():
+            break
+        import time
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}") or " Z " in Path(f"/proc/{child}/stat").read_text()
+
+
+@pytest.mark.parametrize("value", ["4459.2.1\n", " 4459.2.1", "4459.2.1\nX=1"])
+def test_versions_with_a_newline_or_space_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="release="):
+        fr.check_version("release", value)
+
+
+def test_running_kernel_is_read_below_host_root(tmp_path: Path) -> None:
+    root = flatcar_root(tmp_path)
+    write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
+    assert fr.running_kernel(str(root)) == "6.6.95-flatcar"
+    write(root, "proc/sys/kernel/osrelease", "../../etc\n")
+    with pytest.raises(ValueError, match="running kernel="):
+        fr.running_kernel(str(root))
+
+
+def test_targets_of_an_idle_host_are_the_current_release_only(tmp_path: Path) -> None:
+    root = flatcar_root(tmp_path)
+    write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
+    fake_update_engine(root, REAL_STATUS.replace("UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_IDLE"))
+    found = fr.host_targets(str(root))
+    assert found["pending"] is None
+    assert found["current"].as_dict() | {"usr_partition": None} == {
+        "release": "current", "os": "flatcar", "board": "amd64-usr", "os_version": "4459.2.1", "channel": "stable",
+        "kernel_release": "6.6.95-flatcar", "kernel_source": "running-kernel", "pending": False, "usr_partition": None,
+        "note": None}
+
+
+@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+@pytest.mark.parametrize("zero", [False, True])
+def test_pending_kernel_comes_from_the_not_booted_usr_partition(tmp_path: Path, zero: bool) -> None:
+    root = flatcar_root(tmp_path)
+    write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
+    fake_update_engine(root, REAL_STATUS.replace("4459.2.2", "0.0.0") if zero else REAL_STATUS)
+    write(root, "proc/cmdline", f"mount.usr=/dev/mapper/usr verity.usr=PARTUUID={fr.USR_A_UUID}\n")
+    ext4_usr(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",))
+    ext4_usr(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.2", ("6.6.100-flatcar",))
+    pending = fr.host_targets(str(root))["pending"]
+    assert (pending.os_version, pending.kernel_release, pending.kernel_source) == (
+        "4459.2.2", "6.6.100-flatcar", "usr-partition")
+    assert pending.usr_partition.endswith("USR-B") and pending.note is None
+
+
+@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+def test_pending_kernel_is_unknown_when_the_partition_disagrees(tmp_path: Path) -> None:
+    root = flatcar_root(tmp_path)
+    write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
+    fake_update_engine(root, REAL_STATUS)  # says 4459.2.2
+    write(root, "proc/cmdline", f"verity.usr=PARTUUID={fr.USR_A_UUID}\n")
+    ext4_usr(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",))
+    ext4_usr(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.0", ("6.6.90-flatcar",))
+    pending = fr.host_targets(str(root))["pending"]
+    assert pending.os_version == "4459.2.2" and pending.kernel_release is None
+    assert pending.kernel_source == "unknown" and "holds 4459.2.0, update_engine says 4459.2.2" in pending.note

@@ -1,0 +1,406 @@
+# Copyright: contributors to modulus.kmods
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""File safety: the one place that hashes, writes atomically, stages, swaps and extracts.
+
+- ``sha256_file`` / ``sha256_and_size``: read a file once in chunks.
+- ``atomic_write`` / ``atomic_copy`` / ``write_json_atomic``: temp file in the same directory,
+  fsync, rename, fsync of the directory.
+- ``make_staging`` / ``swap_into_place`` / ``sweep_stale``: a workspace beside ``dest`` named
+  ``.<basename>.<what>-<pid>-<random>``, made visible with ``renameat2(RENAME_EXCHANGE)`` (else
+  rename-aside), and removed by ``sweep_stale`` once the process that made it is gone.
+- ``safe_relpath`` / ``check_link`` / ``extract_tar``: a tarball from anywhere (a source tarball,
+  an archive pulled from a store) never writes outside its target: absolute paths, ``..``, links
+  leaving the tree, paths through symlinks, devices and FIFOs are refused.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import ctypes
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import secrets
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Optional, Union
+
+BUFSIZE = 1 << 20
+_WHAT_RE = re.compile(r"[a-z0-9_]{1,32}")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class UnsafePathError(ValueError):
+    """A path, link or tar member would leave its tree, is a special file, or would replace
+    something that is not a directory. The message names it."""
+
+
+# --------------------------------------------------------------------------- hashing and atomic writes
+
+
+def sha256_and_size(path: str, bufsize: int = BUFSIZE) -> tuple[str, int]:
+    """(SHA-256 hex digest, size in bytes) of a file, read once in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(bufsize)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: str, bufsize: int = BUFSIZE) -> str:
+    """SHA-256 hex digest of a file."""
+    return sha256_and_size(path, bufsize)[0]
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: str, mode: int, fill: Callable[[IO[bytes]], None]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write(path: str, data: Union[bytes, str], mode: int = 0o644) -> None:
+    """Write ``data`` through a temporary file in the same directory, fsync, rename over ``path``."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    _atomic(path, mode, lambda handle: handle.write(raw))
+
+
+def atomic_copy(src: str, path: str, mode: int = 0o644) -> None:
+    """Copy the file ``src`` to ``path`` the way ``atomic_write`` writes (complete or absent)."""
+    def fill(handle: IO[bytes]) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, handle, BUFSIZE)
+    _atomic(path, mode, fill)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """JSON with sorted keys and a 2-space indent, written atomically."""
+    atomic_write(path, json.dumps(data, sort_keys=True, indent=2) + "\n")
+
+
+def write_hashed(handle: IO[bytes], path: str, mode: int = 0o644) -> tuple[str, int]:
+    """Copy ``handle`` into the new file ``path`` (never through a symlink); returns (sha256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            block = handle.read(BUFSIZE)
+            if not block:
+                break
+            out.write(block)
+            digest.update(block)
+            size += len(block)
+    os.chmod(path, mode)  # the umask applied to the create
+    return digest.hexdigest(), size
+
+
+def copy_hashed(src: str, dst: str, mode: int = 0o644) -> tuple[str, int]:
+    """Copy ``src`` to the new file ``dst`` and hash it in the same pass; returns (sha256, size)."""
+    with open(src, "rb") as handle:
+        return write_hashed(handle, dst, mode)
+
+
+# --------------------------------------------------------------------------- workspaces beside dest
+
+
+def make_staging(dest: str, what: str, mode: int = 0o700, parent: Optional[str] = None) -> str:
+    """A new directory ``.<basename of dest>.<what>-<pid>-<random>`` beside ``dest`` (or in
+    ``parent``), so it is on dest's filesystem and ``sweep_stale`` can find it after a crash."""
+    if not _WHAT_RE.fullmatch(what):
+        raise ValueError(f"workspace kind {what!r} must be 1-32 of [a-z0-9_]")
+    dest_abs = os.path.abspath(dest)
+    parent = parent or os.path.dirname(dest_abs) or "/"
+    os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f".{os.path.basename(dest_abs)}.{what}-{os.getpid()}-", dir=parent)
+    os.chmod(path, mode)
+    return path
+
+
+_renameat2: Optional[Callable[..., int]] = None
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False when unavailable."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            return False
+    return _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def swap_into_place(staging: str, dest: str) -> None:
+    """Make the directory ``staging`` visible at ``dest`` (same filesystem), then remove the old tree.
+
+    With RENAME_EXCHANGE there is no moment without a complete ``dest``; else the old tree is renamed
+    aside (``.<basename>.old-<pid>-<random>``) first and put back if the second rename fails. A
+    ``dest`` that is a file or a symlink is not replaced."""
+    parent = os.path.dirname(os.path.abspath(dest)) or "/"
+    if not os.path.lexists(dest):
+        os.rename(staging, dest)
+        fsync_dir(parent)
+        return
+    if os.path.islink(dest) or not os.path.isdir(dest):
+        raise UnsafePathError(f"{dest} exists and is not a directory: refusing to replace it")
+    if _rename_exchange(staging, dest):
+        fsync_dir(parent)
+        shutil.rmtree(staging, ignore_errors=True)  # the old tree is at the staging path now
+        return
+    old = os.path.join(parent, f".{os.path.basename(os.path.abspath(dest))}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(dest, old)
+    try:
+        os.rename(staging, dest)
+    except OSError:
+        os.rename(old, dest)
+        raise
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Sweep:
+    """What ``sweep_stale`` did: paths removed, and paths kept with the reason."""
+    removed: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+def pid_alive(pid: int) -> bool:
+    """True unless ``pid`` surely names no process (a PID we may not signal is alive)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unescape_mountinfo(field_: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Every mount point of this process's mount namespace."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    return [_unescape_mountinfo(line.split()[4]) for line in lines if len(line.split()) > 4]
+
+
+def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountinfo") -> Sweep:
+    """Remove the workspaces ``.<basename>.<what>-<pid>-*`` in ``parent`` whose process is gone.
+
+    A workspace that is, or holds, a mount point is left in place and reported (removing it would
+    delete the mounted files); so is one whose removal fails."""
+    result = Sweep()
+    pattern = re.compile(rf"\.{re.escape(basename)}\.[a-z0-9_]+-([0-9]+)-[^/]+")
+    try:
+        names = sorted(os.listdir(parent))
+    except FileNotFoundError:
+        return result
+    mounts: Optional[list[str]] = None
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if mounts is None:
+                mounts = mount_points(mountinfo)
+            real = os.path.realpath(path)
+            held = [m for m in mounts if m == real or m.startswith(real + "/")]
+            if held:
+                result.kept[path] = "holds mount point(s) " + ", ".join(sorted(held))
+                continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            result.kept[path] = f"cannot remove: {exc.strerror or exc}"
+            continue
+        result.removed.append(path)
+    return result
+
+
+# --------------------------------------------------------------------------- paths and links from elsewhere
+
+
+def safe_relpath(name: str) -> str:
+    """A path inside a tree: relative, '/'-separated, no '..', no empty or '.' components."""
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        raise UnsafePathError(f"unsafe path {name!r} (absolute or invalid)")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"unsafe path {name!r} (escapes or is not normalized)")
+    return name
+
+
+def check_link(name: str, target: str) -> None:
+    """A symlink at ``name`` pointing to ``target`` must stay inside the tree."""
+    if not target or target.startswith("/") or "\x00" in target:
+        raise UnsafePathError(f"symlink {name!r} points to {target!r}: absolute targets are refused")
+    depth = len(name.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafePathError(f"symlink {name!r} points to {target!r}: outside the destination")
+        elif part not in ("", "."):
+            depth += 1
+
+
+# --------------------------------------------------------------------------- tarballs
+
+
+def _decompressing(raw: IO[bytes]) -> IO[bytes]:
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # several members are read as one stream
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw, "rb")
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        raise tarfile.ReadError("zstd-compressed tarballs are not supported (use gzip, bzip2 or xz)")
+    return raw
+
+
+@contextlib.contextmanager
+def open_tar(path: str) -> Iterator[tarfile.TarFile]:
+    """A streaming reader of a tarball: plain, gzip (several members too), bzip2 or xz."""
+    with open(path, "rb") as raw, _decompressing(raw) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        yield tar
+
+
+def _member_path(name: str, root: str) -> Optional[str]:
+    """The member's path below ``root`` ('' for root itself, None outside it)."""
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    if name == ".":
+        name = ""
+    if not root:
+        return name
+    if name == root.rstrip("/"):
+        return ""
+    return name[len(root):] if name.startswith(root) else None
+
+
+def _ensure_parent(target: str, rel: str) -> None:
+    cur = target
+    for part in rel.split("/")[:-1]:
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            raise UnsafePathError(f"archive path {rel!r} goes through a symlink: refused")
+        if not os.path.isdir(cur):
+            os.mkdir(cur, 0o755)
+
+
+def extract_tar(archive_path: str, target: str, root: str = "", keep_mtime: bool = False) -> dict[str, dict[str, Any]]:
+    """Extract a tarball into the directory ``target`` (new or empty), member by member.
+
+    Only members below ``root`` (a prefix like ``nvidia/535/``; empty: everything) are taken, with
+    that prefix removed. Refused (``UnsafePathError``): absolute paths, '..', paths through a
+    symlink, symlinks leaving the tree, hard links to anything but an earlier regular file,
+    devices, FIFOs, duplicates. Files get mode 0755 when any execute bit is set, else 0644;
+    directories 0755; owners are not restored. Returns what was written:
+    ``{relpath: {"sha256", "size", "mode"} or {"link"}}`` (directories omitted)."""
+    os.makedirs(target, exist_ok=True)
+    try:
+        with open_tar(archive_path) as tar:
+            return _extract_members(tar, target, root, keep_mtime)
+    except (EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise tarfile.ReadError(f"{archive_path}: {exc}") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # an I/O error, not corrupt data (gzip/bz2 raise OSError without errno)
+            raise
+        raise tarfile.ReadError(f"{archive_path}: {exc}") from exc
+
+
+def _extract_members(tar: tarfile.TarFile, target: str, root: str, keep_mtime: bool) -> dict[str, dict[str, Any]]:
+    written: dict[str, dict[str, Any]] = {}
+    for info in tar:
+        rel = _member_path(info.name, root)
+        if not rel:
+            continue
+        safe_relpath(rel)
+        if rel in written:
+            raise UnsafePathError(f"archive member {info.name!r} appears twice")
+        path = os.path.join(target, rel)
+        _ensure_parent(target, rel)
+        if info.isdir():
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o755)
+        elif info.issym():
+            check_link(rel, info.linkname)
+            os.symlink(info.linkname, path)
+            written[rel] = {"link": info.linkname}
+        elif info.islnk():
+            src = _member_path(info.linkname, root)
+            if src is None or src not in written or "sha256" not in written[src]:
+                raise UnsafePathError(f"hard link {info.name!r} -> {info.linkname!r}: target is not an earlier file of the archive")
+            os.link(os.path.join(target, src), path)
+            written[rel] = dict(written[src])
+        elif info.isreg():
+            handle = tar.extractfile(info)
+            if handle is None:
+                raise UnsafePathError(f"archive member {info.name!r} cannot be read")
+            mode = 0o755 if info.mode & 0o111 else 0o644
+            digest, size = write_hashed(handle, path, mode)
+            if keep_mtime:
+                os.utime(path, (info.mtime, info.mtime))
+            written[rel] = {"sha256": digest, "size": size, "mode": f"{mode:04o}"}
+        else:
+            raise UnsafePathError(f"archive member {info.name!r} is a device, FIFO or other special file: refused")
+    return written
+
+
+def is_regular(path: str) -> bool:
+    """A regular file, not a symlink to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
