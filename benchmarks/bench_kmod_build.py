@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "build" / "collections"), str(ROOT / "tests")]
 
 from ansible_collections.modulus.kmods.plugins.module_utils import kmodbuild  # noqa: E402
-from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import run_in_image  # noqa: E402
+from ansible_collections.modulus.kmods.plugins.module_utils.container import run_in_image  # noqa: E402
 from sim.kit import Kit, cache_root  # noqa: E402
 from sim.nvidia import nvidia_run  # noqa: E402
 

@@ -1,14 +1,14 @@
 # Copyright: (c) 2026, modulus contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Small helpers shared by the modulus.kmods module_utils (no Ansible import needed)."""
+"""Small helpers shared by the modulus.kmods module_utils (no Ansible import needed): the log
+callback type, finding executables, sizes for humans, KEY=VALUE files. Hashing and atomic writes
+are in ``fsutil.py``."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 LogFn = Callable[[str], None]
 
@@ -33,54 +33,6 @@ def require_tool(name: str) -> str:
     if not found:
         raise FileNotFoundError("required executable '{}' was not found on PATH or in {}".format(name, ", ".join(SBIN_PATHS)))
     return found
-
-
-def sha256_and_size(path: str, bufsize: int = 1 << 20) -> tuple[str, int]:
-    """(SHA-256 hex digest, size in bytes) of a file, read once in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(bufsize)
-            if not block:
-                break
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    return sha256_and_size(path, bufsize)[0]
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: Union[bytes, str], mode: int = 0o644) -> None:
-    """Write a file through a temporary file in the same directory, fsync, then rename over PATH."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
 
 
 def human_bytes(count: float) -> str:

@@ -13,7 +13,8 @@ What is read, without ``modinfo`` or ``readelf``:
   certificate serial number) and the digest algorithm.
 
 And ``Module.symvers`` files, so ``check_module`` can compare each imported CRC with the kernel's
-export table (and the build's own table for symbols exported by sibling modules).
+export table (and the build's own table for symbols exported by sibling modules); ``check_build``
+does that for every module of a build.
 """
 
 from __future__ import annotations
@@ -371,3 +372,40 @@ def check_module(
         if want != crc:
             res.bad_crcs.append((sym, crc, want, exporter))
     return res
+
+
+# --------------------------------------------------------------------------- a build's modules
+
+
+def find_modules(moddir: str) -> dict[str, str]:
+    """module file name (without .ko) -> path, for every .ko under moddir."""
+    out: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(moddir):
+        for fn in files:
+            if fn.endswith(".ko"):
+                out.setdefault(fn[:-3], os.path.join(dirpath, fn))
+    return out
+
+
+def check_build(mod_paths: dict[str, str], kernel_release: str, kernel_symvers_path: str | None,
+                build_symvers_path: str | None) -> tuple[list[ModuleInfo], list[str], int]:
+    """Read and check every module of a build (name -> path) against ``kernel_release`` and the
+    kernel's and the build's Module.symvers (either may be absent); returns (infos, problems,
+    number of CRCs checked)."""
+    ksyms = read_symvers(kernel_symvers_path) if kernel_symvers_path and os.path.isfile(kernel_symvers_path) else None
+    bsyms = read_symvers(build_symvers_path) if build_symvers_path and os.path.isfile(build_symvers_path) else {}
+    infos: list[ModuleInfo] = []
+    problems: list[str] = []
+    checked = 0
+    for name in sorted(mod_paths):
+        try:
+            mi = read_module(mod_paths[name])
+        except (ModuleFormatError, OSError) as exc:
+            problems.append(f"{name}.ko: {exc}")
+            continue
+        res = check_module(mi, kernel_release, ksyms, bsyms)
+        checked += res.checked
+        for p in res.problems():
+            problems.append(f"{name}.ko: {p}")
+        infos.append(mi)
+    return infos, problems, checked

@@ -25,13 +25,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils.common import (
-    LogFn,
-    fsync_dir,
-    human_bytes,
-    no_log,
-    which,
-)
+from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, human_bytes, no_log, which
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import GptError, root_partition
 from ansible_collections.modulus.kmods.plugins.module_utils.http import (
     CHUNK,

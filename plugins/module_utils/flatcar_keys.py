@@ -10,8 +10,6 @@ subkey rotates about once a year: replace it with the module's ``verify_key`` op
 from __future__ import annotations
 
 FLATCAR_KEY_FINGERPRINT = "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"
-FLATCAR_KEY_UID = "Flatcar Buildbot (Official Builds) <buildbot@flatcar-linux.org>"
-COREOS_KEY_FINGERPRINT = "04127D0BFABEC8871FFB2CCE50E0885593D2DCB4"
 
 FLATCAR_SIGNING_KEY = """\
 -----BEGIN PGP PUBLIC KEY BLOCK-----

@@ -23,7 +23,8 @@ from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
 from ansible.module_utils.urls import SSLValidationError
 from ansible.module_utils.urls import open_url as ansible_open_url
 
-from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, fsync_dir, human_bytes, no_log
+from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, human_bytes, no_log
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir
 
 CHUNK = 1 << 20
 MAX_SMALL_BYTES = 1 << 20
@@ -181,32 +182,30 @@ def _download_once(url: str, directory: str, prefix: str, timeout: float, valida
                    log: LogFn) -> tuple[str, str, int]:
     """One attempt: (temporary file, sha256, size); the temporary file is removed on any failure."""
     resp = open_url(url, timeout, validate_certs)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
-        digest = hashlib.sha256()
-        progress = Progress(log, f"download {url}", resp.length, 30.0, step_pct=10.0)
-        done = 0
-        with os.fdopen(fd, "wb") as out:
-            fd = -1
-            while True:
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                progress.update(done)
-            check_length(resp, done)
-            out.flush()
-            os.fsync(out.fileno())
-        progress.update(done, force=True)
-        return tmp, digest.hexdigest(), done
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest = hashlib.sha256()
+                progress = Progress(log, f"download {url}", resp.length, 30.0, step_pct=10.0)
+                done = 0
+                while True:
+                    chunk = resp.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    progress.update(done)
+                check_length(resp, done)
+                out.flush()
+                os.fsync(out.fileno())
+            progress.update(done, force=True)
+            return tmp, digest.hexdigest(), done
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     finally:
         resp.close()
 
@@ -218,7 +217,8 @@ def download_file(url: str, dest_path: str, timeout: float, validate_certs: bool
 
     The body goes to a ``.partial-*`` file beside ``dest_path`` and is hashed while written;
     transient errors restart it (``retries`` times). With ``expected_sha256`` a different digest is
-    refused (ChecksumError, nothing kept). The file is fsynced, made 0644 and renamed into place.
+    refused (ChecksumError, nothing kept). The file is fsynced, made 0644 and renamed into place
+    (the directory is created when missing).
     """
     expected = None
     if expected_sha256 is not None:
@@ -226,6 +226,7 @@ def download_file(url: str, dest_path: str, timeout: float, validate_certs: bool
         if not _SHA256_RE.fullmatch(expected):
             raise ValueError(f"expected_sha256={expected_sha256!r} is not a sha256 hex digest (64 hex digits)")
     directory = os.path.dirname(os.path.abspath(dest_path))
+    os.makedirs(directory, exist_ok=True)
     prefix = PARTIAL_PREFIX + os.path.basename(dest_path) + "."
     tmp, sha, size = with_retries(lambda: _download_once(url, directory, prefix, timeout, validate_certs, log),
                                   f"download {url}", retries, retry_delay, log)

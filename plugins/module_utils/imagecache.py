@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils.common import atomic_write
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import atomic_write
 from ansible_collections.modulus.kmods.plugins.module_utils.imageinfo import version_key
 
 IMAGE_FILE = "flatcar_developer_container.bin"

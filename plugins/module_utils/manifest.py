@@ -53,6 +53,15 @@ def file_entry(path: str) -> dict[str, Any]:
     return {"sha256": digest, "size": size, "mode": "%04o" % (st.st_mode & 0o7777)}
 
 
+def module_entry(info: Any, rel: str) -> dict[str, Any]:
+    """The ``modules`` entry of a kernel module (an ``elfmod.ModuleInfo``) installed at ``rel``."""
+    sig = info.signature
+    return {"name": info.name, "file": rel, "vermagic": info.vermagic, "depends": info.depends,
+            "signer": sig.signer if sig else None, "sig_key": sig.key_id if sig else None,
+            "sig_hashalgo": sig.hash_algo if sig else None, "size": info.size,
+            "srcversion": info.first("srcversion"), "license": info.first("license")}
+
+
 def tree_paths(tree: str) -> list[str]:
     """Every non-directory path below ``tree`` (relative, '/'-separated, sorted; symlinks to
     directories included, not followed), except the tree's own manifest.json."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -121,16 +122,21 @@ class MountStack:
             raise MountError("{} left problems: {}".format(what, "; ".join(self.errors)))
 
 
-def mounts_under(path: str) -> list[str]:
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
     real = os.path.realpath(path)
     found = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 fields = line.split()
                 if len(fields) > 4:
-                    point = fields[4].replace("\\040", " ")
+                    point = _unescape(fields[4])
                     if point == real or point.startswith(real.rstrip("/") + "/"):
                         found.append(point)
     except OSError:

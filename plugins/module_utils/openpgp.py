@@ -17,7 +17,7 @@ from typing import Optional
 from ansible_collections.modulus.kmods.plugins.module_utils.common import require_tool, which
 
 ARMOR_HEADER = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
-_FPR_RE = re.compile(r"^[0-9A-F]{40}$|^[0-9A-F]{64}$")
+_FPR_RE = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 # status keywords that mean the signature must not be trusted, with the reason shown to the user
 _BAD = {
     "BADSIG": "BAD signature: the data or the signature was altered",
@@ -39,7 +39,7 @@ def normalize_fingerprint(value: str) -> str:
     fpr = re.sub(r"\s+", "", value or "").upper()
     if fpr.startswith("0X"):
         fpr = fpr[2:]
-    if not _FPR_RE.match(fpr):
+    if not _FPR_RE.fullmatch(fpr):
         raise ValueError(f"{value!r} is not a full OpenPGP fingerprint (40 or 64 hex digits)")
     return fpr
 

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 from ansible.module_utils.urls import open_url
 
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import atomic_copy, atomic_write
+
 META_SUFFIX = ".json"
 
 
@@ -42,10 +44,6 @@ class ObjectInfo:
         self.sha256 = sha256
         self.manifest_sha256 = manifest_sha256
         self.etag = etag
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "size": self.size, "sha256": self.sha256,
-                "manifest_sha256": self.manifest_sha256, "legacy": self.legacy}
 
 
 class Store:
@@ -114,16 +112,6 @@ def split_store_url(url: str) -> tuple[str, str, str]:
     raise StoreError(f"store={url!r}: unsupported scheme (use s3://bucket/prefix, file:///dir or https://host/path)")
 
 
-def redact_url(url: str) -> str:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.password or parsed.username:
-        netloc = parsed.hostname or ""
-        if parsed.port:
-            netloc += f":{parsed.port}"
-        return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
-    return url
-
-
 def open_store(url: Optional[str], options: Optional[dict[str, Any]] = None) -> Optional[Store]:
     """Open the store named by ``url`` (None or '' -> no store)."""
     if not url:
@@ -152,7 +140,7 @@ def _parse_meta(data: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- file://
 
 class FileStore(Store):
-    """A local or shared directory. Uploads: temp file + fsync + rename. Lease: O_EXCL create,
+    """A local or shared directory. Uploads: temp file + fsync + rename. Lease: link() create,
     compare-and-swap under an flock on ``<lease>.guard``."""
 
     kind = "file"
@@ -194,31 +182,13 @@ class FileStore(Store):
         except FileNotFoundError:
             raise StoreError(f"store {self.url}: {key} does not exist") from None
 
-    def _write_atomic(self, path: str, data: Optional[bytes] = None, src: Optional[str] = None) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.upload-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if src is not None:
-                    with open(src, "rb") as handle:
-                        shutil.copyfileobj(handle, out, 1 << 20)
-                elif data is not None:
-                    out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
     def upload(self, path: str, key: str, sha256: str, manifest_sha256: str, size: int) -> None:
         self.requests += 1
         target = self._path(key)
         try:
-            self._write_atomic(target, src=path)
-            self._write_atomic(target + META_SUFFIX, data=_meta_bytes(sha256, manifest_sha256, size))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            atomic_copy(path, target)
+            atomic_write(target + META_SUFFIX, _meta_bytes(sha256, manifest_sha256, size))
         except OSError as exc:
             raise StoreError(f"store {self.url}: cannot write {key}: {exc.strerror or exc}") from None
 
@@ -274,7 +244,7 @@ class FileStore(Store):
         try:
             if self._etag(self._path(key)) != etag:
                 return False
-            self._write_atomic(self._path(key), data=data)
+            atomic_write(self._path(key), data)
             return True
         finally:
             os.close(fd)

@@ -188,7 +188,7 @@ def test_http_read_only_store(tmp_path: Path) -> None:
         assert pushed["failed"] and "read-only" in pushed["msg"]
         locked, _ = run(dict(args, state="locked", **NAMING))
         assert locked["failed"] and "read-only" in locked["msg"]
-        missing, _ = run(dict(args, state="fetched", dest=str(tmp_path / "d2"), **dict(NAMING, driver_version="0.0.1")))
+        missing, _ = run(dict(args, state="fetched", dest=str(tmp_path / "d2"), **dict(NAMING, driver_version="999.0.1")))
         assert missing["failed"] and "has no archive" in missing["msg"]
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, kmodbuild
+from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, fsutil, kmodbuild, manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.container import run_in_image
 from sim import ansible_run
-from sim.kit import Kit, cache_root
-from sim.nvidia import nvidia_run
+from sim.kit import Kit
+from sim.nvidia import build_cache, nvidia_run
 from sim.qemu import boot_and_load
 from sim.signing import make_signing_pair
 
@@ -88,11 +88,11 @@ def test_generic_hello_builds_for_each_release(hello_builds: dict[str, dict]) ->
         m = json.loads((dest / "manifest.json").read_text())
         assert m["schema"] == 1 and m["os"] == "flatcar" and m["os_version"] == rel.version
         assert m["board"] == rel.board and m["channel"] == rel.channel
-        assert m["driver"] == "modulus-hello" and m["driver_version"] == "1.0" and m["module_type"] is None
+        assert m["driver"] == "modulus-hello" and m["driver_version"] == "1.0" and m["module_type"] == "default"
         assert m["crc_checked"] >= 5  # printk, kmalloc, kfree, strscpy ... checked against the image's table
         assert m["toolchain"]["gcc"].startswith("gcc")
         assert set(m["files"]) == {"build.log", f"lib/modules/{rel.kernel}/modulus_hello.ko"}
-        assert kmodbuild.verify_files(str(dest), m) == []
+        assert manifest.verify_tree(str(dest), m, strict=False) == []
         log = (dest / "build.log").read_text()
         assert "M=/modulus/work/src" in log and rel.kernel in log
         assert leftovers(dest.parent) == []
@@ -118,7 +118,7 @@ def test_second_run_is_unchanged_and_fast(hello_builds: dict[str, dict]) -> None
     # force rebuilds
     res, text = run_module(hello_args(b["rel"], b["dest"], channel=b["rel"].channel, force=True))
     assert res["changed"] is True, text
-    assert kmodbuild.verify_files(str(b["dest"]), res["manifest"]) == []
+    assert manifest.verify_tree(str(b["dest"]), res["manifest"], strict=False) == []
 
 
 def test_tampered_output_is_rebuilt(hello_builds: dict[str, dict], kit: Kit, tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_tampered_output_is_rebuilt(hello_builds: dict[str, dict], kit: Kit, tmp
     ko.write_bytes(bytes(data))
     res, text = run_module(hello_args(rel, dest, channel=rel.channel))
     assert res["changed"] is True, text
-    assert kmodbuild.verify_files(str(dest), res["manifest"]) == []
+    assert manifest.verify_tree(str(dest), res["manifest"], strict=False) == []
 
 
 def test_module_built_for_one_kernel_fails_the_others_check(hello_builds: dict[str, dict], kit: Kit,
@@ -198,8 +198,9 @@ def test_bad_input_is_named_and_nothing_is_written(kit: Kit, tmp_path: Path) -> 
     rel = kit.releases["pending"]
     dest = tmp_path / "out"
     cases = [
-        (dict(recipe="nvidia", version="535.104.05; reboot"), "version="),
-        (dict(recipe="nvidia", version="../535"), "version="),
+        (dict(recipe="nvidia", name=None, version="535.104.05; reboot"), "version="),
+        (dict(recipe="nvidia", name=None, version="../535"), "version="),
+        (dict(recipe="nvidia", version="535.104.05"), "the nvidia recipe always builds driver nvidia"),
         (dict(recipe="dkms"), "recipe"),
         (dict(modules=["../../etc/evil"]), "modules="),
         (dict(kernel_release="6.1.0-99-amd64"), "not in the image"),
@@ -276,7 +277,7 @@ def test_generic_from_tarball_url_and_git(kit: Kit, tmp_path: Path, http_dir) ->
     tarball = www / "modulus-hello-1.0.tar.gz"
     subprocess.run(["tar", "-czf", str(tarball), "-C", str(HELLO.parent), "--transform", "s,^hello,modulus-hello-1.0,",
                     "hello"], check=True)
-    digest = kmodbuild.sha256_file(str(tarball))
+    digest = fsutil.sha256_file(str(tarball))
     dest = tmp_path / "from-url"
     res, text = run_module(hello_args(rel, dest, source=f"{base}/modulus-hello-1.0.tar.gz", checksum=digest))
     assert res["changed"] is True, text
@@ -333,13 +334,12 @@ def test_hello_loads_into_its_kernel_and_not_into_the_other(hello_builds: dict[s
 def nvidia_builds(kit: Kit) -> dict[str, dict]:
     """The real NVIDIA 535 kernel modules built through kmod_build for both releases, once."""
     run = nvidia_run()
-    base = cache_root() / "kmod-build-tests" / kit.recipe_hash
-    base.mkdir(parents=True, exist_ok=True)
+    base = build_cache(kit.recipe_hash)  # keyed by the code that builds: nothing made by older code is reused
     out = {}
     for name, rel in kit.releases.items():
-        dest = base / f"nvidia-{run.version}-{rel.kernel}"
-        args = {"image": str(rel.image_raw), "recipe": "nvidia", "version": run.version, "source": str(run.path),
-                "checksum": f"sha256:{run.sha256}", "kernel_module_type": "proprietary", "dest": str(dest),
+        dest = base / "nvidia" / run.version / rel.kernel
+        args = {"image": str(rel.image_raw), "recipe": "nvidia", "driver_version": run.version, "source": str(run.path),
+                "checksum": f"sha256:{run.sha256}", "module_type": "proprietary", "archive_root": str(base),
                 "channel": rel.channel}
         if os.environ.get("MODULUS_TEST_FRESH_NVIDIA") == "1":
             args["force"] = True
@@ -355,7 +355,7 @@ def test_nvidia_builds_for_both_releases(nvidia_builds: dict[str, dict]) -> None
     for name, b in nvidia_builds.items():
         res, dest, rel = b["result"], b["dest"], b["rel"]
         m = json.loads((dest / "manifest.json").read_text())
-        assert m["driver"] == "nvidia" and m["driver_version"] == b["args"]["version"], name
+        assert m["driver"] == "nvidia" and m["driver_version"] == b["args"]["driver_version"], name
         assert m["module_type"] == "proprietary" and m["kernel_release"] == rel.kernel
         assert m["source_sha256"] == b["args"]["checksum"].split(":", 1)[1]
         names = {mod["name"] for mod in m["modules"]}
@@ -374,10 +374,16 @@ def test_nvidia_builds_for_both_releases(nvidia_builds: dict[str, dict]) -> None
         smi = dest / "bin" / "nvidia-smi"
         assert os.access(smi, os.X_OK)
         assert b"modulus test stand-in" in smi.read_bytes()
-        assert kmodbuild.verify_files(str(dest), m) == []
+        assert manifest.verify_tree(str(dest), m, strict=False) == []
         assert "with its own self-extractor" in (dest / "build.log").read_text()
         assert "KERNEL_UNAME" in (dest / "build.log").read_text()
         assert res["kernel_release"] == rel.kernel and res["module_type"] == "proprietary"
+        assert res["dest"] == str(dest)
+        # a build reused from the cache is one kmod_build itself found up to date for these inputs
+        assert res["changed"] or (res["reason"] == "up to date" and m["inputs_sha256"] == res["inputs_sha256"]), res
+        assert res["identity"] == {"os": "flatcar", "board": "amd64-usr", "os_version": rel.version,
+                                   "kernel_release": rel.kernel, "driver": "nvidia", "driver_version": m["driver_version"],
+                                   "module_type": "proprietary", "signer": None}
 
 
 @pytest.mark.slow
@@ -408,12 +414,12 @@ def test_nvidia_for_one_kernel_fails_the_others_check(nvidia_builds: dict[str, d
     cur, pend = nvidia_builds["current"], nvidia_builds["pending"]
     kdir = cur["dest"] / "lib" / "modules" / cur["rel"].kernel
     mods = {p.stem: str(p) for p in kdir.glob("*.ko")}
-    infos, problems, checked = kmodbuild.check_build(mods, pend["rel"].kernel, None, None)
+    infos, problems, checked = elfmod.check_build(mods, pend["rel"].kernel, None, None)
     assert problems and all("vermagic" in p for p in problems)
     symvers = tmp_path / "pending.symvers"
     syms = kernel_symvers(pend["rel"], tmp_path)
     symvers.write_text("".join(f"0x{crc:08x}\t{s}\t{mod}\tEXPORT_SYMBOL\t\n" for s, (crc, mod) in syms.items()))
-    infos, problems, checked = kmodbuild.check_build(mods, cur["rel"].kernel, str(symvers), None)
+    infos, problems, checked = elfmod.check_build(mods, cur["rel"].kernel, str(symvers), None)
     # against the other kernel's CRC table, symbols that changed between the two ABIs are named
     assert checked > 0
     crc_problems = [p for p in problems if " CRC 0x" in p]

@@ -9,8 +9,6 @@ on a fresh host without downloading, building or writing anything.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -18,10 +16,9 @@ from typing import Optional
 import pytest
 import yaml
 
-from ansible_collections.modulus.kmods.plugins.module_utils import kmodbuild
 from sim import ansible_run
-from sim.kit import Kit, ReleaseServer, cache_root
-from sim.nvidia import nvidia_run
+from sim.kit import Kit, ReleaseServer
+from sim.nvidia import build_cache, keep_archive, nvidia_run, seed_archive
 from sim.s3 import TEST_KEY_ID, TEST_SECRET, client, new_bucket, s3_endpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,13 +38,6 @@ def nvidia_driver() -> dict:
     run = nvidia_run()
     return {"recipe": "nvidia", "driver_version": run.version, "source": str(run.path),
             "checksum": f"sha256:{run.sha256}", "module_type": "auto"}
-
-
-def nvidia_cache(kit: Kit) -> Path:
-    """Where finished NVIDIA builds are kept between test runs: keyed by the kit, the .run and a hash of
-    the code that builds (kmodbuild.build_logic_hash), so no test reuses what older code made."""
-    run = nvidia_run()
-    return cache_root() / "nvidia-builds" / f"{kit.recipe_hash}-{run.sha256[:16]}-{kmodbuild.build_logic_hash()[:16]}"
 
 
 def write_inventory(path: Path, hosts: dict[str, dict], group_vars: dict) -> Path:
@@ -86,33 +76,6 @@ def s3_keys(endpoint: str, bucket: str) -> list[str]:
     return sorted(o["Key"] for o in out)
 
 
-def seed(archive: Path, cache: Path) -> list[str]:
-    """Copy finished NVIDIA builds from the test cache into a host's archive (kmod_build then decides
-    from their manifests whether they are up to date); return what was copied."""
-    copied = []
-    if cache.is_dir():
-        for kdir in sorted(cache.glob("nvidia/*/*")):
-            if (kdir / "manifest.json").is_file():
-                dest = archive / kdir.relative_to(cache)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(kdir, dest, symlinks=True)
-                copied.append(str(kdir.relative_to(cache)))
-    return copied
-
-
-def keep(archive: Path, cache: Path) -> None:
-    """Save the NVIDIA builds of a host's archive into the test cache (atomically per build)."""
-    for kdir in sorted(archive.glob("nvidia/*/*")):
-        target = cache / kdir.relative_to(archive)
-        if (target / "manifest.json").is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(kdir, tmp, symlinks=True)
-        os.rename(tmp, target)
-
-
 @pytest.fixture(scope="module")
 def s3() -> Optional[str]:
     with s3_endpoint() as endpoint:
@@ -133,13 +96,13 @@ def test_two_hosts_one_store_first_builds_second_pulls(kit: Kit, release_server:
         hosts[name] = host_vars(kit, release_server, root, tmp_path / name)
     inv = write_inventory(tmp_path / "inventory.yml", hosts,
                           common_vars(f"s3://{bucket}/fleet", s3_options(s3), drivers))
-    cache = nvidia_cache(kit)
-    reused = seed(tmp_path / "host1" / "archive", cache)
+    cache = build_cache(kit.recipe_hash)
+    reused = seed_archive(tmp_path / "host1" / "archive", cache)
 
     release_server.reset()
     rc, out, last = ansible_run.run_playbook(PLAYBOOK, inv, limit="host1", tree_dir=tmp_path / "tree1")
     assert rc == 0, out[-8000:]
-    keep(tmp_path / "host1" / "archive", cache)
+    keep_archive(tmp_path / "host1" / "archive", cache)
     first = summary(last, "host1")
     cur, pend = kit.releases["current"], kit.releases["pending"]
     assert {(s["driver"], s["os_version"], s["kernel_release"]) for s in first} == {

@@ -265,3 +265,46 @@ def nvidia_run(cache_dir: str | os.PathLike[str] | None = None, debian_version: 
 if __name__ == "__main__":
     r = nvidia_run()
     print(r)
+
+
+def build_cache(kit_recipe_hash: str) -> Path:
+    """An archive root (``nvidia/<version>/<kernel>/``) where NVIDIA builds made by the tests are kept
+    between runs, keyed by the kit, the ``.run`` and a hash of the code that builds
+    (``kmodbuild.build_logic_hash``): no test reuses what older code made. Older keys are removed."""
+    from ansible_collections.modulus.kmods.plugins.module_utils import kmodbuild
+
+    run = nvidia_run()
+    parent = cache_root() / "nvidia-builds"
+    key = f"{kit_recipe_hash[:16]}-{run.sha256[:16]}-{kmodbuild.build_logic_hash()[:16]}"
+    if parent.is_dir():
+        for old in parent.iterdir():
+            if old.name != key and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    (parent / key).mkdir(parents=True, exist_ok=True)
+    return parent / key
+
+
+def seed_archive(archive_root: Path, cache: Path) -> list[str]:
+    """Copy the finished NVIDIA builds of ``cache`` into a host's archive root; kmod_build then decides
+    from their manifests whether they are up to date. Returns the relative paths copied."""
+    copied = []
+    for kdir in sorted(cache.glob("nvidia/*/*")):
+        if (kdir / "manifest.json").is_file():
+            dest = archive_root / kdir.relative_to(cache)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(kdir, dest, symlinks=True)
+            copied.append(str(kdir.relative_to(cache)))
+    return copied
+
+
+def keep_archive(archive_root: Path, cache: Path) -> None:
+    """Save the NVIDIA builds of a host's archive root into ``cache`` (each renamed into place whole)."""
+    for kdir in sorted(archive_root.glob("nvidia/*/*")):
+        target = cache / kdir.relative_to(archive_root)
+        if (target / "manifest.json").is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(kdir, tmp, symlinks=True)
+        os.rename(tmp, target)

@@ -221,3 +221,20 @@ def test_no_kernel_table_checks_vermagic_only() -> None:
     mi = elfmod.read_module_bytes(make_module(versions=[("anything", 5)]))
     res = elfmod.check_module(mi, KVER, None)
     assert res.ok and res.checked == 0
+
+
+def test_check_build_reads_every_module_of_a_tree(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "good.ko").write_bytes(make_module("good"))
+    (tmp_path / "sub" / "bad-crc.ko").write_bytes(make_module("bad_crc", versions=[("_printk", 1)]))
+    (tmp_path / "junk.ko").write_bytes(b"not elf")
+    (tmp_path / "notes.txt").write_text("x")
+    mods = elfmod.find_modules(str(tmp_path))
+    assert sorted(mods) == ["bad-crc", "good", "junk"] and mods["bad-crc"].endswith("sub/bad-crc.ko")
+    symvers = tmp_path / "Module.symvers"
+    symvers.write_text(SYMVERS)
+    infos, problems, checked = elfmod.check_build(mods, KVER, str(symvers), str(tmp_path / "absent.symvers"))
+    assert [mi.name for mi in infos] == ["bad_crc", "good"] and checked == 3
+    assert problems[0].startswith("bad-crc.ko: symbol _printk CRC 0x00000001") and problems[1].startswith("junk.ko:")
+    infos, problems, checked = elfmod.check_build({"good": mods["good"]}, KVER, None, None)
+    assert problems == [] and checked == 0  # no kernel table: vermagic only

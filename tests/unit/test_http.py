@@ -166,8 +166,7 @@ def test_file_urls(tmp_path: Path) -> None:
     src = tmp_path / "src" / "f.bin"
     src.parent.mkdir()
     src.write_bytes(BODY)
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # created by download_file
     assert download(src.as_uri(), out / "f.bin", expected_sha256=SHA) == (SHA, len(BODY))
     with pytest.raises(http.NotFound):
         download((tmp_path / "nope").as_uri(), out / "g.bin")

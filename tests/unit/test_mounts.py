@@ -123,6 +123,15 @@ def test_mount_readonly_of_a_device_and_release_on_failure(calls: Path) -> None:
     assert not os.path.exists(mnt)
 
 
-def test_mounts_under() -> None:
+def test_mounts_under(tmp_path: Path) -> None:
     assert "/proc" in mounts.mounts_under("/proc")
     assert mounts.mounts_under("/proc/self/nonexistent-dir") == []
+    base = tmp_path / "w s"
+    info = tmp_path / "mountinfo"
+    esc = str(base).replace(" ", "\\040")
+    info.write_text(f"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                    f"2 1 0:5 / {esc}/merged rw - overlay x rw\n"
+                    f"3 1 0:6 / {esc}x rw - tmpfs x rw\n"
+                    f"4 1 0:7 / {esc}/a\\134b rw - tmpfs x rw\n")
+    assert mounts.mounts_under(str(base), str(info)) == [f"{base}/merged", f"{base}/a\\b"]
+    assert mounts.mounts_under(str(tmp_path / "none"), str(tmp_path / "no-such-file")) == []

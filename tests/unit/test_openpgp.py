@@ -154,6 +154,11 @@ def test_normalize_fingerprint() -> None:
     assert normalize_fingerprint("f88c fede ff29 a5b4 d952  3864 e25d 9aed 0593 b34a") == FLATCAR_KEY_FINGERPRINT
     with pytest.raises(ValueError, match="not a full OpenPGP fingerprint"):
         normalize_fingerprint("0593B34A")
+    # whitespace (a trailing newline too) is removed on purpose; anything else must be the whole value
+    assert normalize_fingerprint(FLATCAR_KEY_FINGERPRINT + "\n") == FLATCAR_KEY_FINGERPRINT
+    for bad in (FLATCAR_KEY_FINGERPRINT + "\nX", FLATCAR_KEY_FINGERPRINT + "00", FLATCAR_KEY_FINGERPRINT[:-1] + "G"):
+        with pytest.raises(ValueError, match="not a full OpenPGP fingerprint"):
+            normalize_fingerprint(bad)
 
 
 @pytest.mark.parametrize("keyword", ["BADSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG", "NO_PUBKEY", "EXPSIG"])
