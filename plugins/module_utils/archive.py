@@ -16,10 +16,20 @@ RFC 1952 allows several; ``gzip -d``, ``tar xzf`` and Python read them as one st
 mtime 0, no file name, compressed on all cores; a chunk whose first 64 KiB do not compress is
 stored (deflate level 0) so incompressible data costs no CPU. Same input bytes and same
 compression level give the same archive bytes.
+
+Signatures: the packed ``manifest.json`` (which lists every file's sha256) is signed with OpenSSH
+(``ssh-keygen -Y sign -n modulus-build``, a tool every Flatcar host has); the signature is stored
+beside the archive as ``<key>.sig``. A pull with trusted keys writes them to an allowed_signers
+file, every key with the one principal ``modulus-build`` restricted to the namespace
+``modulus-build``, and verifies with ``ssh-keygen -Y verify -I modulus-build -n modulus-build``.
+Before a pulled build is made visible every ``.ko`` must be an ELF kernel module whose vermagic
+names the build's kernel (``check_modules``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import concurrent.futures
 import contextlib
 import hashlib
@@ -28,11 +38,16 @@ import os
 import re
 import stat
 import struct
+import subprocess
 import tarfile
+import tempfile
 import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import IO, Any, Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils import fsutil
+from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, fsutil
+from ansible_collections.modulus.kmods.plugins.module_utils.common import which
 from ansible_collections.modulus.kmods.plugins.module_utils.identity import MANIFEST_SIGNER_KEY
 from ansible_collections.modulus.kmods.plugins.module_utils.manifest import MANIFEST_NAME, SCHEMA, canonical_manifest
 
@@ -47,6 +62,10 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no flags,
 
 class ArchiveError(Exception):
     """A build tree, manifest or archive is not what it must be (message names the problem)."""
+
+
+class SignatureError(ArchiveError):
+    """A build's signature is missing, malformed or not made by a trusted key."""
 
 
 # --------------------------------------------------------------------------- keys
@@ -301,7 +320,14 @@ def find_legacy_root(archive_path: str, driver: str, driver_version: str) -> str
     Preferred ``<driver>/<version>/``; otherwise the directory holding ``lib/modules/``
     (the tool's older uploads used ``./out/``)."""
     with fsutil.open_tar(archive_path) as tar:
-        names = [info.name[2:] if info.name.startswith("./") else info.name for info in tar]
+        raw = [info.name for info in tar]
+    names = []
+    for name in raw:
+        while name.startswith("./"):
+            name = name[2:]
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ArchiveError(f"legacy archive member {name!r} is absolute or leaves the archive: refused")
+        names.append(name)
     preferred = f"{driver}/{driver_version}/"
     if any(n.startswith(preferred + "lib/modules/") for n in names):
         return preferred
@@ -315,36 +341,216 @@ def find_legacy_root(archive_path: str, driver: str, driver_version: str) -> str
     return roots.pop()
 
 
-def _vermagic(path: str) -> Optional[str]:
-    with open(path, "rb") as handle:
-        data = handle.read()
-    idx = data.find(b"vermagic=")
-    if idx < 0:
-        return None
-    end = data.find(b"\x00", idx)
-    return data[idx + len("vermagic="):end if end > 0 else None].decode("utf-8", "replace")
+def check_modules(tree: str, paths: Iterable[str], kernel_release: str, what: str) -> list[tuple[str, Any]]:
+    """Every ``.ko`` among ``paths`` (relative to ``tree``) must be a regular file, an ELF kernel
+    module (``elfmod.read_module``), whose vermagic names ``kernel_release``. Returns
+    ``[(relpath, ModuleInfo)]``; raises ``ArchiveError`` naming each bad module."""
+    problems: list[str] = []
+    infos: list[tuple[str, Any]] = []
+    for rel in sorted(paths):
+        if not rel.endswith(".ko"):
+            continue
+        path = os.path.join(tree, rel)
+        if not fsutil.is_regular(path):
+            problems.append(f"{rel}: not a regular file")
+            continue
+        try:
+            info = elfmod.read_module(path)
+        except (elfmod.ModuleFormatError, OSError) as exc:
+            problems.append(f"{rel}: not an ELF kernel module ({exc})")
+            continue
+        if elfmod.vermagic_release(info.vermagic) != kernel_release:
+            problems.append(f"{rel}: vermagic {info.vermagic!r} does not name kernel {kernel_release}")
+            continue
+        infos.append((rel, info))
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ArchiveError("{}: {}{}".format(what, "; ".join(problems[:5]), more))
+    return infos
 
 
 def legacy_manifest(staging: str, written: dict[str, dict[str, Any]], ident: dict[str, Optional[str]],
                     channel: str, key: str) -> dict[str, Any]:
-    """Manifest for a tree imported from an original-tool archive (``imported: legacy``)."""
+    """Manifest for a tree imported from an original-tool archive (``imported: legacy``).
+
+    The tree must hold modules for ``kernel_release`` and no other kernel, and every ``.ko`` must be
+    an ELF kernel module whose vermagic names that kernel."""
+    want = ident.get("kernel_release")
+    if not want:
+        raise ArchiveError(f"legacy archive {key}: kernel_release is required to import it")
     kernels = sorted({rel.split("/")[2] for rel in written if rel.startswith("lib/modules/") and rel.count("/") >= 3})
     if not kernels:
         raise ArchiveError(f"legacy archive {key} holds no lib/modules/<kver>/ directory")
-    want = ident.get("kernel_release")
-    if want and want not in kernels:
+    if want not in kernels:
         raise ArchiveError("legacy archive {} is built for kernel {}, not kernel_release={}".format(key, ", ".join(kernels), want))
-    kver = want or kernels[0]
-    modules = []
-    for rel in sorted(written):
-        if rel.startswith(f"lib/modules/{kver}/") and rel.endswith(".ko") and "sha256" in written[rel]:
-            modules.append({"name": os.path.basename(rel)[:-3], "file": rel, "size": written[rel]["size"],
-                            "vermagic": _vermagic(os.path.join(staging, rel)), "depends": [], "signer": None})
+    others = [k for k in kernels if k != want]
+    if others:
+        raise ArchiveError("legacy archive {} also holds lib/modules/ for other kernel(s) {}: refused".format(
+            key, ", ".join(others)))
+    files = [rel for rel, meta in written.items() if "sha256" in meta]
+    infos = check_modules(staging, files, want, f"legacy archive {key}")
+    if not any(rel.startswith(f"lib/modules/{want}/") for rel, _info in infos):
+        raise ArchiveError(f"legacy archive {key} holds no kernel module in lib/modules/{want}/")
+    modules = [{"name": info.name, "file": rel, "size": written[rel]["size"], "vermagic": info.vermagic,
+                "depends": info.depends, "signer": info.signer} for rel, info in infos]
     return {
         "schema": SCHEMA, "imported": "legacy", "legacy_key": key,
         "os": ident.get("os"), "board": ident.get("board"), "os_version": ident.get("os_version"),
-        "channel": channel, "kernel_release": kver, "driver": ident.get("driver"),
+        "channel": channel, "kernel_release": want, "driver": ident.get("driver"),
         "driver_version": ident.get("driver_version"), "module_type": ident.get("module_type"),
         MANIFEST_SIGNER_KEY: ident.get("signer"),
         "files": written, "modules": modules, "build_time": None,
     }
+
+
+# --------------------------------------------------------------------------- signatures (OpenSSH)
+
+SIG_NAMESPACE = "modulus-build"
+SIG_PRINCIPAL = "modulus-build"
+SIG_SUFFIX = ".sig"
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
+_SIG_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+_SIG_END = "-----END SSH SIGNATURE-----"
+_B64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_VERIFIED_RE = re.compile(r"with \S+ key (SHA256:[A-Za-z0-9+/]+)")
+KEYGEN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An OpenSSH public key: type, base64 blob and its ``SHA256:...`` fingerprint (as ssh-keygen -l prints it)."""
+    kind: str
+    blob: str
+    fingerprint: str
+
+    def allowed_signers_line(self) -> str:
+        return f'{SIG_PRINCIPAL} namespaces="{SIG_NAMESPACE}" {self.kind} {self.blob}'
+
+
+def ssh_keygen() -> str:
+    """The ssh-keygen executable (OpenSSH 8.2 or later, for ``-Y sign``/``-Y verify``)."""
+    found = which("ssh-keygen")
+    if not found:
+        raise ArchiveError("signing_key and trusted_keys need ssh-keygen (OpenSSH 8.2 or later) on the managed node;"
+                           " it was not found on PATH nor in the usual bin/sbin directories")
+    return found
+
+
+def _keygen(args: list[str], data: bytes = b"") -> subprocess.CompletedProcess:
+    """ssh-keygen without a terminal (a passphrase prompt fails at once instead of waiting)."""
+    try:
+        return subprocess.run([ssh_keygen()] + args, input=data, capture_output=True, timeout=KEYGEN_TIMEOUT,
+                              start_new_session=True, check=False)
+    except subprocess.TimeoutExpired:
+        raise ArchiveError("ssh-keygen {} did not finish within {:.0f} s".format(" ".join(args[:2]), KEYGEN_TIMEOUT)) from None
+
+
+def _last_line(raw: bytes) -> str:
+    lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def key_fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+
+
+def parse_public_keys(text: str, where: str) -> list[PublicKey]:
+    """The keys of OpenSSH public key lines (``type base64 [comment]``, optionally after the principals
+    and options of an allowed_signers or authorized_keys line; those are replaced by this module's
+    own principal and namespace). Certificate authorities are refused."""
+    keys: list[PublicKey] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        idx = next((i for i, f in enumerate(fields) if f in SSH_KEY_TYPES), None)
+        if idx is None or idx + 1 >= len(fields):
+            raise ArchiveError(f"{where}: {line[:60]!r}... is not an OpenSSH public key (expected '<type> <base64>')")
+        if any("cert-authority" in f for f in fields[:idx]):
+            raise ArchiveError(f"{where}: certificate authorities are not supported, list the signing keys themselves")
+        kind, blob = fields[idx], fields[idx + 1]
+        try:
+            if not _B64_RE.fullmatch(blob):
+                raise binascii.Error("not base64")
+            decoded = base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            raise ArchiveError(f"{where}: the {kind} key is not valid base64") from None
+        if len(decoded) < 4 + len(kind) or decoded[4:4 + len(kind)] != kind.encode("ascii"):
+            raise ArchiveError(f"{where}: the key data does not match its type {kind}")
+        keys.append(PublicKey(kind, blob, key_fingerprint(decoded)))
+    if not keys:
+        raise ArchiveError(f"{where}: holds no public key")
+    return keys
+
+
+def load_trusted_keys(entries: Iterable[Any]) -> list[PublicKey]:
+    """``trusted_keys``: each entry is public key text (one or more lines) or the absolute path of a
+    file holding such lines. Duplicates (same fingerprint) are dropped."""
+    keys: dict[str, PublicKey] = {}
+    for i, entry in enumerate(entries):
+        text = str(entry or "").strip()
+        where = f"trusted_keys[{i}]"
+        if text.startswith("/") and "\n" not in text:
+            try:
+                with open(text, encoding="utf-8", errors="replace") as handle:
+                    content = handle.read(1 << 20)
+            except OSError as exc:
+                raise ArchiveError(f"{where}: cannot read {text}: {exc.strerror or exc}") from None
+            found = parse_public_keys(content, f"{where} ({text})")
+        else:
+            found = parse_public_keys(text, where)
+        for key in found:
+            keys.setdefault(key.fingerprint, key)
+    if not keys:
+        raise ArchiveError("trusted_keys holds no public key")
+    return list(keys.values())
+
+
+def public_key_of(private_key: str) -> PublicKey:
+    """The public half of the OpenSSH private key file ``private_key`` (``ssh-keygen -y``)."""
+    if not os.path.isfile(private_key):
+        raise ArchiveError(f"signing_key={private_key!r} is not a readable file")
+    proc = _keygen(["-y", "-f", private_key])
+    if proc.returncode != 0:
+        raise ArchiveError(f"signing_key={private_key!r} cannot be used: {_last_line(proc.stderr)}"
+                           " (an OpenSSH private key without a passphrase is needed)")
+    return parse_public_keys(proc.stdout.decode("utf-8", "replace"), f"signing_key={private_key!r}")[0]
+
+
+def sign_manifest(data: bytes, private_key: str) -> bytes:
+    """The armored SSH signature of ``data`` (namespace ``modulus-build``), made by ``ssh-keygen -Y sign``
+    reading the message from stdin (nothing written to disk)."""
+    proc = _keygen(["-Y", "sign", "-f", private_key, "-n", SIG_NAMESPACE], data)
+    sig = proc.stdout
+    if proc.returncode != 0 or not sig.lstrip().startswith(_SIG_BEGIN.encode()):
+        raise ArchiveError(f"ssh-keygen -Y sign with signing_key={private_key!r} failed: {_last_line(proc.stderr)}")
+    return sig
+
+
+def verify_manifest(data: bytes, signature: Optional[bytes], trusted: list[PublicKey], what: str,
+                    workdir: Optional[str] = None) -> str:
+    """Check that ``signature`` is a ``modulus-build`` signature of ``data`` by one of ``trusted``;
+    returns the signer's fingerprint. Raises ``SignatureError`` naming ``what``."""
+    if not signature:
+        raise SignatureError(f"{what} is not signed: refused (trusted_keys is set)")
+    text = signature.decode("ascii", "replace").strip()
+    if not (text.startswith(_SIG_BEGIN) and text.endswith(_SIG_END)):
+        raise SignatureError(f"{what}: the signature is not an armored SSH signature: refused")
+    with tempfile.TemporaryDirectory(prefix=".modulus-sig-", dir=workdir) as tmp:
+        allowed = os.path.join(tmp, "allowed_signers")
+        sig_path = os.path.join(tmp, "manifest.sig")
+        with open(allowed, "w", encoding="ascii") as handle:
+            handle.write("".join(key.allowed_signers_line() + "\n" for key in trusted))
+        with open(sig_path, "w", encoding="ascii") as handle:
+            handle.write(text + "\n")
+        proc = _keygen(["-Y", "verify", "-f", allowed, "-I", SIG_PRINCIPAL, "-n", SIG_NAMESPACE, "-s", sig_path], data)
+    out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    match = _VERIFIED_RE.search(out)
+    if proc.returncode != 0 or not match:
+        raise SignatureError(f"{what}: the signature does not verify with any of the {len(trusted)} trusted key(s):"
+                             f" {_last_line(proc.stderr or proc.stdout)}")
+    if match.group(1) not in {key.fingerprint for key in trusted}:
+        raise SignatureError(f"{what}: signed by {match.group(1)}, which is not a trusted key")
+    return match.group(1)

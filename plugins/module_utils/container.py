@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, require_tool, which
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import make_staging, pid_alive, sweep_stale
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import root_partition
 from ansible_collections.modulus.kmods.plugins.module_utils.imagecache import image_lock
-from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack, mounts_under
+from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack, mounts_under, release_under
 
 RUN_METHODS = ("auto", "image", "overlay", "chroot")
+WORKSPACE_NAME = "modulus-devc"
 TAIL_BYTES = 8192
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -100,7 +102,7 @@ def _mount_root_overlay(stack: MountStack, image_path: str, offset: int, size: i
     """The ROOT partition read-only (ext4 without journal replay) under a tmpfs or on-disk overlay."""
     lower = os.path.join(workspace, "lower")
     os.mkdir(lower, 0o755)
-    stack.mount_ro(stack.loop(image_path, offset, size), lower, "ext4", "ro,noload")
+    stack.mount_image(image_path, lower, "ext4", "ro,noload", offset, size)
     return stack.overlay(lower, workspace, tmpfs=not scratch_dir)
 
 
@@ -155,6 +157,116 @@ def _remove_workspace(workspace: str) -> None:
     shutil.rmtree(workspace, ignore_errors=True)
 
 
+def make_workspace(parent: Optional[str]) -> str:
+    """``<parent>/.modulus-devc.run-<pid>-XXXX`` (``parent`` default: TMPDIR), found by
+    ``sweep_workspaces`` if this process is killed."""
+    parent = parent or tempfile.gettempdir()
+    return make_staging(os.path.join(parent, WORKSPACE_NAME), "run", parent=parent)
+
+
+def _read_proc(pid: str, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _root_mount_names(mountinfo: bytes, path: bytes) -> bool:
+    """Whether the mount at ``/`` of that mount namespace names ``path`` (an overlay whose lowerdir is
+    in the workspace): only a container on the workspace, not a daemon whose private namespace merely
+    copied the host's mounts."""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == b"/" and (path + b"/") in line:
+            return True
+    return False
+
+
+def workspace_users(workspace: str) -> list[int]:
+    """Processes still using a workspace, with everything below them: those naming it on their
+    command line (systemd-nspawn -D), with their cwd or root in it (chroot), and those in another
+    mount namespace whose root mount names it (a container's processes: the overlay root of their
+    namespace has ``lowerdir=<workspace>/lower``), which outlive a killed nspawn."""
+    real = os.path.realpath(workspace).encode()
+    mine = os.getpid()
+    try:
+        my_ns = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        my_ns = ""
+    users: set[int] = set()
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == mine:
+            continue
+        stat = _read_proc(name, "stat")
+        if not stat or stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X"):
+            continue
+        parents[int(name)] = int(stat[stat.rfind(b")") + 2:].split()[1])
+        hit = real in _read_proc(name, "cmdline").replace(b"\0", b" ")
+        for link in ("cwd", "root"):
+            if not hit:
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{name}/{link}").encode()
+                    hit = target == real or target.startswith(real + b"/")
+        if not hit:
+            try:
+                other_ns = os.readlink(f"/proc/{name}/ns/mnt") != my_ns
+            except OSError:
+                other_ns = False
+            hit = other_ns and _root_mount_names(_read_proc(name, "mountinfo"), real)
+        if hit:
+            users.add(int(name))
+    queue = list(users)
+    while queue:
+        parent = queue.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in users:
+                users.add(pid)
+                queue.append(pid)
+    return sorted(users)
+
+
+def kill_workspace_users(workspace: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL ``workspace_users`` (all found before any is killed, so a container's processes are
+    not lost when their nspawn dies) until none is left; returns their PIDs."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        users = workspace_users(workspace)
+        if not users:
+            return sorted(killed)
+        for pid in users:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        if time.monotonic() > deadline:
+            return sorted(killed)
+        time.sleep(0.05)
+
+
+def sweep_workspaces(parent: Optional[str], log: LogFn = no_log) -> list[str]:
+    """Workspaces in ``parent`` left by killed runs: the processes still using them killed (a
+    container whose nspawn outlived the run), their mounts released (deepest first; the loop
+    devices clear themselves), then removed. Returns what was removed."""
+    parent = parent or tempfile.gettempdir()
+    pattern = re.compile(r"\." + re.escape(WORKSPACE_NAME) + r"\.run-([0-9]+)-[^/]+")
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        names = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match and not pid_alive(int(match.group(1))):
+            killed = kill_workspace_users(os.path.join(parent, name))
+            if killed:
+                log("killed what still ran in {}: PIDs {}".format(name, ", ".join(map(str, killed))))
+    sweep = sweep_stale(parent, WORKSPACE_NAME, release=lambda path: release_under(path, log), kill=True)
+    for line in sweep.lines():
+        log(line)
+    return sweep.removed
+
+
 def _tail(path: str, start: int, limit: int = TAIL_BYTES) -> str:
     with open(path, "rb") as handle:
         end = handle.seek(0, os.SEEK_END)
@@ -182,13 +294,19 @@ def _wait(proc: subprocess.Popen, timeout: float, log: LogFn) -> tuple[int, bool
 def run_in_image(image_path: str, command: list[str], binds_ro: Optional[list[tuple[str, str]]] = None,
                  binds_rw: Optional[list[tuple[str, str]]] = None, env: Optional[dict[str, str]] = None,
                  workdir: Optional[str] = None, timeout: float = 3600.0, log_path: Optional[str] = None,
-                 method: str = "auto", log: Optional[LogFn] = None, scratch_dir: Optional[str] = None) -> RunResult:
+                 method: str = "auto", log: Optional[LogFn] = None, scratch_dir: Optional[str] = None,
+                 workspace_dir: Optional[str] = None) -> RunResult:
     """Run ``command`` inside the developer container ``image_path``; the image is never written.
 
     ``image``: systemd-nspawn --image with --read-only --volatile=overlay (needs systemd as PID 1).
     ``overlay``: ROOT partition loop-mounted read-only, a tmpfs (or ``scratch_dir``) overlay on top,
     systemd-nspawn -D on the merged tree. ``chroot``: the same tree with proc/dev/sys and the binds
     mounted by hand. Every mount, loop device and process is released before returning.
+
+    The mount points live in a workspace ``.modulus-devc.run-<pid>-*`` inside ``scratch_dir``, else
+    ``workspace_dir``, else TMPDIR: if this process is killed, ``sweep_workspaces`` of that
+    directory (or the caller's sweeper, with ``mounts.release_under``) cleans up after it; the
+    loop device is mounted with autoclear, so releasing the mounts frees it.
     """
     log = log or no_log
     if not command or not all(isinstance(c, str) for c in command):
@@ -210,7 +328,7 @@ def run_in_image(image_path: str, command: list[str], binds_ro: Optional[list[tu
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
 
     stack = MountStack(log)
-    workspace = tempfile.mkdtemp(prefix="modulus-devc-", dir=scratch_dir)
+    workspace = make_workspace(scratch_dir or workspace_dir)
     started = time.monotonic()
     timed_out = False
     rc = -1

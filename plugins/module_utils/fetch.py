@@ -17,20 +17,20 @@ import fcntl
 import hashlib
 import os
 import queue
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, human_bytes, no_log, which
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import GptError, root_partition
 from ansible_collections.modulus.kmods.plugins.module_utils.http import (
     CHUNK,
-    PARTIAL_PREFIX,
     FetchError,
     NotFound,
     Progress,
@@ -39,6 +39,8 @@ from ansible_collections.modulus.kmods.plugins.module_utils.http import (
     check_length,
     fetch_small,
     open_url,
+    partial_prefix,
+    sweep_partials,
     with_retries,
 )
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring
@@ -50,7 +52,17 @@ F_SETPIPE_SZ = 1031
 
 
 class SignatureError(FetchError):
-    """The signature did not verify: never retried, nothing cached."""
+    """The signature did not verify: never retried, nothing cached. ``keywords``: gpg's status
+    keywords that made it fail (e.g. ``EXPKEYSIG``), when known."""
+
+    def __init__(self, message: str, keywords: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keywords = keywords
+
+
+# Called with the reason when the key that made the signature has expired: fetch a newer copy of
+# the pinned key and merge it into the keyring, or raise SignatureError saying why not.
+KeyRefresh = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +194,10 @@ class LbzipDecompressor(_Decompressor):
         self.writer = writer
         self.error: Optional[BaseException] = None
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish()/abort()
+        # a process group of its own: abort() kills it whole, and a SIGKILL of the module leaves it
+        # reading EOF on its input, so it ends by itself
         self.proc = subprocess.Popen([binary, "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, bufsize=0)
+                                     stderr=self.stderr, bufsize=0, start_new_session=True)
         for pipe in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, CHUNK)
@@ -236,7 +250,8 @@ class LbzipDecompressor(_Decompressor):
 
     def abort(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         for pipe in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
@@ -364,15 +379,9 @@ def check_free_space(directory: str, needed: int) -> int:
     return free
 
 
-def remove_stale_partials(directory: str, name: str) -> None:
-    """Temporary files of an interrupted earlier run (the caller holds the per-image lock)."""
-    try:
-        for entry in os.listdir(directory):
-            if entry.startswith(PARTIAL_PREFIX + name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, entry))
-    except FileNotFoundError:
-        pass
+def remove_stale_partials(directory: str, name: str) -> list[str]:
+    """Temporary files of killed earlier runs (``.partial-<name>.<pid>-*`` whose process is gone)."""
+    return sweep_partials(directory, name)
 
 
 def _image_extra(writer: SparseWriter) -> str:
@@ -392,7 +401,7 @@ def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, tim
     try:
         needed = max(min_free_space, int((resp.length or 0) * space_factor))
         check_free_space(directory, needed)
-        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + os.path.basename(dest) + ".", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=partial_prefix(os.path.basename(dest)), dir=directory)
         writer = SparseWriter(fd)
         verifier = keyring.verifier(sig_path)
         dec = make_decompressor(writer, decompressor)
@@ -415,7 +424,8 @@ def _stream_once(image_url: str, sig_path: str, dest: str, keyring: Keyring, tim
         verifier = None
         if not verdict.good:
             raise SignatureError("signature check of {} FAILED: {}{}".format(
-                image_url, verdict.reason, (f" (gpg: {verdict.stderr.splitlines()[-1]})") if verdict.stderr else ""))
+                image_url, verdict.reason, (f" (gpg: {verdict.stderr.splitlines()[-1]})") if verdict.stderr else ""),
+                tuple(line.split(" ", 1)[0] for line in verdict.status))
         dec.finish(timeout=max(timeout, 600.0))
         name = dec.name
         dec = None
@@ -457,21 +467,45 @@ class _Attempt:
         return _stream_once(*self.args)  # type: ignore[arg-type]
 
 
+def _check_key_expiry(keyring: Keyring, sig_path: str, image_url: str, refresh_key: Optional[KeyRefresh],
+                      log: LogFn) -> bool:
+    """Before downloading: if the key that made the signature has expired (gpg would report
+    EXPKEYSIG), refresh the pinned key through ``refresh_key`` or fail. True when it refreshed."""
+    expired = keyring.expired_signers(sig_path)
+    if not expired:
+        return False
+    reason = keyring.describe_expired(expired)
+    if refresh_key is None:
+        raise SignatureError(f"signature check of {image_url} FAILED before downloading: {reason} "
+                             "(gpg reports EXPKEYSIG): give a current copy of the key", ("EXPKEYSIG",))
+    log(f"{reason}: refreshing the key")
+    refresh_key(reason)
+    still = keyring.expired_signers(sig_path)
+    if still:
+        raise SignatureError(f"signature check of {image_url} FAILED before downloading: the refreshed key does not "
+                             f"extend it: {keyring.describe_expired(still)} (EXPKEYSIG)", ("EXPKEYSIG",))
+    return True
+
+
 def fetch_image(candidates: list[Candidate], image_name: str, dest: str, keyring: Keyring, timeout: float = 60.0,
                 retries: int = 3, retry_delay: float = 2.0, validate_certs: bool = True,
                 min_free_space: int = 0, space_factor: float = 4.0, decompressor: str = "auto",
-                progress_interval: float = 5.0, log: LogFn = no_log, root_label: str = "ROOT") -> FetchResult:
+                progress_interval: float = 5.0, log: LogFn = no_log, root_label: str = "ROOT",
+                refresh_key: Optional[KeyRefresh] = None) -> FetchResult:
     """Download ``image_name`` (+ ``.sig``) from the first candidate that has it into ``dest``.
 
     404 on the signature or the image moves on to the next candidate; transient errors restart the
     stream up to ``retries`` times; a bad signature stops at once. Nothing is left at ``dest`` (nor
-    any temporary file) unless everything verified.
+    any temporary file) unless everything verified. When the key that made the signature has
+    expired, ``refresh_key`` is asked (once) for a newer copy of the pinned key before the download
+    (or, if it expired during the download, before one more download); without it that fails.
     """
     directory = os.path.dirname(os.path.abspath(dest))
     os.makedirs(directory, exist_ok=True)
     remove_stale_partials(directory, os.path.basename(dest))
     started = time.monotonic()
     tried: list[str] = []
+    refreshed = False
     for cand in candidates:
         sig_url = cand.url(image_name + ".sig")
         image_url = cand.url(image_name)
@@ -488,11 +522,22 @@ def fetch_image(candidates: list[Candidate], image_name: str, dest: str, keyring
         problem = keyring.precheck(sig_path)
         if problem:
             raise SignatureError(f"signature check of {image_url} FAILED before downloading: {problem} ({sig_url})")
+        refreshed = _check_key_expiry(keyring, sig_path, image_url, None if refreshed else refresh_key, log) or refreshed
         attempt = _Attempt(image_url, sig_path, dest, keyring, timeout, validate_certs, min_free_space, space_factor,
                            decompressor, progress_interval, log, root_label)
         try:
-            resp, size, sha, name, writer, verdict = with_retries(attempt, f"download {image_url}", retries,
-                                                                  retry_delay, log)
+            try:
+                resp, size, sha, name, writer, verdict = with_retries(attempt, f"download {image_url}", retries,
+                                                                      retry_delay, log)
+            except SignatureError as exc:
+                if "EXPKEYSIG" not in exc.keywords or refreshed or refresh_key is None:
+                    raise
+                # the key expired while the image streamed in: refresh it and download once more
+                refreshed = _check_key_expiry(keyring, sig_path, image_url, refresh_key, log)
+                if not refreshed:
+                    raise
+                resp, size, sha, name, writer, verdict = with_retries(attempt, f"download {image_url}", retries,
+                                                                      retry_delay, log)
         except NotFound as exc:
             tried.append(f"{image_url} ({exc})")
             log(f"not found: {image_url}; trying the next location")

@@ -4,12 +4,17 @@
 
 Generated from the armored key published on the Flatcar website (Flatcar_Image_Signing_Key.asc);
 tests/unit/test_openpgp.py checks it matches that file and the fingerprint below. The signing
-subkey rotates about once a year: replace it with the module's ``verify_key`` option meanwhile.
+subkey rotates about once a year: when it has expired, coreos_devcontainer fetches the current copy
+from ``FLATCAR_KEY_URL`` (option ``key_url``) and accepts it only with the pinned primary key;
+``verify_key`` replaces the key altogether.
 """
 
 from __future__ import annotations
 
 FLATCAR_KEY_FINGERPRINT = "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"
+# Where Flatcar publishes the current key (new signing subkeys, extended expiry dates); a copy
+# fetched from there is accepted only if its primary key is the pinned one above.
+FLATCAR_KEY_URL = "https://www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc"
 
 FLATCAR_SIGNING_KEY = """\
 -----BEGIN PGP PUBLIC KEY BLOCK-----

@@ -7,7 +7,11 @@
   fsync, rename, fsync of the directory.
 - ``make_staging`` / ``swap_into_place`` / ``sweep_stale``: a workspace beside ``dest`` named
   ``.<basename>.<what>-<pid>-<random>``, made visible with ``renameat2(RENAME_EXCHANGE)`` (else
-  rename-aside), and removed by ``sweep_stale`` once the process that made it is gone.
+  rename-aside), and removed by ``sweep_stale`` once the process that made it is gone (after the
+  processes still using it are killed and, through the caller's ``release`` callback, the mounts
+  inside it are released). Atomic writes use ``.<basename>.tmp-<pid>-<random>`` temporary files,
+  so the same sweep finds those too. ``dest_lock`` is the ``<dest>.lock`` flock every run that
+  writes ``dest`` (or sweeps beside it) holds; ``sweep_dest`` sweeps everything of ``dest``.
 - ``safe_relpath`` / ``check_link`` / ``extract_tar``: a tarball from anywhere (a source tarball,
   an archive pulled from a store) never writes outside its target: absolute paths, ``..``, links
   leaving the tree, paths through symlinks, devices and FIFOs are refused.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import bz2
 import contextlib
 import ctypes
+import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -26,9 +32,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,7 +86,8 @@ def fsync_dir(path: str) -> None:
 
 def _atomic(path: str, mode: int, fill: Callable[[IO[bytes]], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    # named like a workspace (``.<name>.tmp-<pid>-*``): sweep_stale removes it if this process dies
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
@@ -195,9 +204,32 @@ def swap_into_place(staging: str, dest: str) -> None:
 
 @dataclass
 class Sweep:
-    """What ``sweep_stale`` did: paths removed, and paths kept with the reason."""
+    """What ``sweep_stale`` did: paths removed, mount points released, processes killed, and paths
+    kept with the reason."""
     removed: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+
+    def merge(self, other: Sweep) -> Sweep:
+        self.removed += other.removed
+        self.kept.update(other.kept)
+        self.released += other.released
+        self.killed += other.killed
+        return self
+
+    def lines(self) -> list[str]:
+        """One line per thing done or kept, for a log."""
+        out = [f"killed leftover process {p}" for p in self.killed]
+        out += [f"released leftover mount {m}" for m in self.released]
+        out += [f"removed leftover {p}" for p in self.removed]
+        out += [f"kept leftover {p}: {why}" for p, why in sorted(self.kept.items())]
+        return out
+
+
+# release(path) -> the mount points at or below ``path`` it unmounted (deepest first); the caller
+# passes mounts.release_under, so this module does not manage mounts itself.
+ReleaseFn = Callable[[str], list[str]]
 
 
 def pid_alive(pid: int) -> bool:
@@ -227,28 +259,101 @@ def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     return [_unescape_mountinfo(line.split()[4]) for line in lines if len(line.split()) > 4]
 
 
-def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountinfo") -> Sweep:
-    """Remove the workspaces ``.<basename>.<what>-<pid>-*`` in ``parent`` whose process is gone.
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
-    A workspace that is, or holds, a mount point is left in place and reported (removing it would
-    delete the mounted files); so is one whose removal fails."""
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_ = handle.read()
+    except OSError:
+        return ""
+    return stat_[stat_.rfind(b")") + 2:stat_.rfind(b")") + 3].decode("ascii", "replace")
+
+
+def processes_using(path: str, proc: str = "/proc") -> list[tuple[int, str]]:
+    """Live processes (not this one) whose command line names ``path`` (or something below it), or
+    whose working or root directory is at or below it: ``[(pid, command line)]``."""
+    real = os.path.realpath(path)
+    found: list[tuple[int, str]] = []
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+                args = [a.decode("utf-8", "surrogateescape") for a in handle.read().split(b"\0") if a]
+        except OSError:
+            continue
+        hit = any(real in arg for arg in args)
+        for link in ("cwd", "root"):
+            if hit:
+                break
+            try:
+                hit = _under(os.readlink(f"{proc}/{pid}/{link}"), real)
+            except OSError:
+                continue
+        if hit and _proc_state(pid) not in ("Z", "X", ""):
+            found.append((pid, " ".join(args)[:200]))
+    return found
+
+
+def kill_processes_using(path: str, timeout: float = 10.0) -> list[str]:
+    """SIGKILL every process ``processes_using(path)`` finds (a dead run's container or compiler
+    that escaped its process group), wait until they are gone; returns ``["PID cmdline", ...]``."""
+    killed: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_using(path)
+        if not left:
+            break
+        for pid, cmd in left:
+            killed.setdefault(pid, f"{pid} {cmd}")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return list(killed.values())
+
+
+def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountinfo",
+                release: Optional[ReleaseFn] = None, kill: bool = False) -> Sweep:
+    """Remove the workspaces and temporary files ``.<basename>.<what>-<pid>-*`` in ``parent`` whose
+    process is gone. Call it under the lock of ``dest`` (``dest_lock``), before making a new one.
+
+    For a dead workspace, first the processes still using it are killed (``kill=True``), then the mounts
+    inside it are released by ``release(path)`` (``mounts.release_under``). A workspace that still
+    is, or holds, a mount point is left in place and reported (removing it would delete the
+    mounted files); so is one whose removal fails."""
     result = Sweep()
     pattern = re.compile(rf"\.{re.escape(basename)}\.[a-z0-9_]+-([0-9]+)-[^/]+")
     try:
         names = sorted(os.listdir(parent))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return result
-    mounts: Optional[list[str]] = None
     for name in names:
         match = pattern.fullmatch(name)
         if not match or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(parent, name)
         if os.path.isdir(path) and not os.path.islink(path):
-            if mounts is None:
-                mounts = mount_points(mountinfo)
             real = os.path.realpath(path)
-            held = [m for m in mounts if m == real or m.startswith(real + "/")]
+            if kill:
+                result.killed += kill_processes_using(real)
+            held = [m for m in mount_points(mountinfo) if _under(m, real)]
+            if held and release is not None:
+                try:
+                    result.released += release(real)
+                except Exception as exc:  # noqa: BLE001 - reported, the workspace is kept
+                    result.kept[path] = f"cannot release its mounts: {exc}"
+                    continue
+                held = [m for m in mount_points(mountinfo) if _under(m, real)]
             if held:
                 result.kept[path] = "holds mount point(s) " + ", ".join(sorted(held))
                 continue
@@ -262,6 +367,42 @@ def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountin
             continue
         result.removed.append(path)
     return result
+
+
+def sweep_dest(dest: str, release: Optional[ReleaseFn] = None, parents: tuple[str, ...] = (),
+               inner: tuple[str, ...] = ("manifest.json",), mountinfo: str = "/proc/self/mountinfo") -> Sweep:
+    """``sweep_stale`` for everything a dead run may have left around ``dest``: workspaces and the
+    renamed-aside old tree beside it (``.<name>.build-*``, ``.pull-*``, ``.push-*``, ``.old-*``), temporary
+    files of ``<name>.failed.json``/``.failed.log``, workspaces in the other ``parents`` (a ``tmp_dir``)
+    and temporary files of the ``inner`` files inside ``dest`` (its manifest). Hold ``dest_lock``."""
+    dest = os.path.abspath(dest)
+    parent, base = os.path.dirname(dest) or "/", os.path.basename(dest)
+    targets = [(parent, base), (parent, base + ".failed.json"), (parent, base + ".failed.log")]
+    targets += [(p, base) for p in parents if p and os.path.abspath(p) != parent]
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        targets += [(dest, name) for name in inner]
+    total = Sweep()
+    for directory, name in targets:
+        total.merge(sweep_stale(directory, name, mountinfo, release, kill=True))
+    return total
+
+
+@contextlib.contextmanager
+def dest_lock(dest: str, wait: bool = True) -> Iterator[bool]:
+    """Hold the exclusive flock on ``<dest>.lock`` (created, with dest's parent, when missing).
+    Yields True when held; with ``wait=False`` yields False at once when another process holds it."""
+    path = os.path.normpath(os.path.abspath(dest)) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            if wait or exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            held = False
+        else:
+            held = True
+        yield held
 
 
 # --------------------------------------------------------------------------- paths and links from elsewhere
@@ -404,3 +545,29 @@ def is_regular(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- symlinks switched atomically (kmod_install)
+
+
+def switch_symlink(link: str, target: str) -> bool:
+    """Point the symlink ``link`` at ``target`` atomically (a new link ``.<name>.tmp-<pid>-*`` renamed
+    over it, so ``sweep_stale`` finds a leftover); returns False when it already pointed there. A
+    ``link`` that exists and is not a symlink is refused (``UnsafePathError``)."""
+    if os.path.islink(link):
+        if os.readlink(link) == target:
+            return False
+    elif os.path.lexists(link):
+        raise UnsafePathError(f"{link} exists and is not a symlink: refusing to replace it")
+    parent = os.path.dirname(os.path.abspath(link)) or "/"
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(link)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(parent)
+    return True

@@ -24,13 +24,14 @@ from ansible.module_utils.urls import SSLValidationError
 from ansible.module_utils.urls import open_url as ansible_open_url
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, human_bytes, no_log
-from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir, pid_alive
 
 CHUNK = 1 << 20
 MAX_SMALL_BYTES = 1 << 20
 PARTIAL_PREFIX = ".partial-"
 USER_AGENT = "modulus.kmods-coreos_devcontainer"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_PARTIAL_PID_RE = re.compile(r"\.([0-9]+)-[^.]+$")
 
 T = TypeVar("T")
 
@@ -178,6 +179,37 @@ class Progress:
         self.log(f"{self.label}:{pct} {human_bytes(done)}{of} at {human_bytes(rate)}/s{extra}")
 
 
+def partial_prefix(name: str) -> str:
+    """``.partial-<name>.<pid>-``: the temporary file of a download names its process, so a later
+    run can tell the leftovers of a killed one (``sweep_partials``) from a live download."""
+    return f"{PARTIAL_PREFIX}{name}.{os.getpid()}-"
+
+
+def sweep_partials(directory: str, name: Optional[str] = None, every: bool = False) -> list[str]:
+    """Remove ``.partial-<name>.<pid>-*`` files in ``directory`` whose process is gone (every
+    ``.partial-*`` file with ``every``, for a caller holding the directory's exclusive lock; files of
+    older releases without a PID count as dead). Returns what was removed."""
+    removed = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return removed
+    want = PARTIAL_PREFIX + (name + "." if name else "")
+    for entry in names:
+        if not entry.startswith(want):
+            continue
+        match = _PARTIAL_PID_RE.search(entry[len(PARTIAL_PREFIX):])
+        if not every and match and pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 def _download_once(url: str, directory: str, prefix: str, timeout: float, validate_certs: bool,
                    log: LogFn) -> tuple[str, str, int]:
     """One attempt: (temporary file, sha256, size); the temporary file is removed on any failure."""
@@ -227,7 +259,7 @@ def download_file(url: str, dest_path: str, timeout: float, validate_certs: bool
             raise ValueError(f"expected_sha256={expected_sha256!r} is not a sha256 hex digest (64 hex digits)")
     directory = os.path.dirname(os.path.abspath(dest_path))
     os.makedirs(directory, exist_ok=True)
-    prefix = PARTIAL_PREFIX + os.path.basename(dest_path) + "."
+    prefix = partial_prefix(os.path.basename(dest_path))
     tmp, sha, size = with_retries(lambda: _download_once(url, directory, prefix, timeout, validate_certs, log),
                                   f"download {url}", retries, retry_delay, log)
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime
-import fcntl
+import errno
 import functools
 import hashlib
 import json
@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils import container, elfmod, fsutil, imageinfo, nvidia, sources
+from ansible_collections.modulus.kmods.plugins.module_utils import (
+    container,
+    elfmod,
+    fsutil,
+    imageinfo,
+    mounts,
+    nvidia,
+    sources,
+)
 from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn
 from ansible_collections.modulus.kmods.plugins.module_utils.elfmod import check_build, find_modules
@@ -50,12 +58,14 @@ from ansible_collections.modulus.kmods.plugins.module_utils.identity import (
     resolve_module_type,
 )
 from ansible_collections.modulus.kmods.plugins.module_utils.nvidia import NVIDIA_URL_TEMPLATE
-from ansible_collections.modulus.kmods.plugins.module_utils.sources import BuildError, InputError
+from ansible_collections.modulus.kmods.plugins.module_utils.sources import FAILURE_TEXT, BuildError, InputError
 
 BOARD_ARCH = {"amd64-usr": "x86_64", "arm64-usr": "aarch64"}
 RECIPES = ("nvidia", "generic")
 _MAKE_ARG_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^\n\0]*|-[A-Za-z-][^\n\0]*|[A-Za-z0-9_.-]+")
 
+_ERROR_LINE_RE = re.compile(r"error:|Error ")
+MAX_ERROR_LINES = 5
 IN_DIR = "/modulus/in"
 WORK_DIR = "/modulus/work"
 KEY_DIR = "/modulus/keys"
@@ -296,21 +306,74 @@ def read_failure_marker(dest: str) -> Optional[dict]:
     return doc if isinstance(doc, dict) else None
 
 
-def write_failure_marker(dest: str, inputs_sha256: str, message: str, log_src: Optional[str]) -> str:
+def write_failure_marker(dest: str, inputs_sha256: str, message: str, log_src: Optional[str], kind: str = "build",
+                         errors: Optional[list[str]] = None, duration: Optional[float] = None) -> str:
     path, log_path = marker_paths(dest)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    has_log = bool(log_src and os.path.isfile(log_src))
-    if has_log:
-        fsutil.atomic_copy(str(log_src), log_path)
+    has_log = keep_failed_log(dest, log_src)
     fsutil.write_json_atomic(path, {"inputs_sha256": inputs_sha256, "message": message, "time": utc_now(),
-                                    "log": log_path if has_log else None})
+                                    "log": log_path if has_log else None, "kind": kind, "errors": list(errors or []),
+                                    "duration": None if duration is None else round(duration, 3)})
     return path
+
+
+def keep_failed_log(dest: str, log_src: Optional[str]) -> bool:
+    """Copy a failed run's log to ``DEST.failed.log`` (every failure, remembered or not)."""
+    if not (log_src and os.path.isfile(log_src)):
+        return False
+    fsutil.atomic_copy(str(log_src), marker_paths(dest)[1])
+    return True
 
 
 def clear_failure_marker(dest: str) -> None:
     for p in marker_paths(dest):
         if os.path.exists(p):
             os.unlink(p)
+
+
+def first_errors(log_path: Optional[str], limit: int = MAX_ERROR_LINES) -> list[str]:
+    """The first lines of a build log that name an error (the compiler's ``error:``, make's
+    ``Error N``), at most ``limit``, each cut to 300 characters; kmod_build's own lines are skipped."""
+    found: list[str] = []
+    if not log_path:
+        return found
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                text = line.strip()
+                if not text or text.startswith(("modulus: ", "=== ", "modulus kmod_build ")):
+                    continue
+                if _ERROR_LINE_RE.search(text) and text[:300] not in found:
+                    found.append(text[:300])
+                    if len(found) >= limit:
+                        break
+    except OSError:
+        pass
+    return found
+
+
+def failure_reason(exc: BuildError) -> str:
+    """The ``reason`` of a failed run: what failed, and whether it is remembered."""
+    what = FAILURE_TEXT.get(exc.kind, exc.kind)
+    if exc.remembered:
+        where = exc.marker or "DEST.failed.json"
+        return f"build failed: {what}; remembered in {where} (the same inputs fail at once until they change or force=true)"
+    return f"build failed: {what} (transient: not remembered, the next run tries again)"
+
+
+def known_failure_message(dest: str, marker: dict) -> str:
+    """The fail-fast message: the remembered failure, the compiler's first errors and the log."""
+    kind = str(marker.get("kind") or "build")
+    parts = ["a previous build with the same inputs failed ({}, {}): {}: {}".format(
+        marker_paths(dest)[0], marker.get("time") or "time unknown", FAILURE_TEXT.get(kind, kind),
+        str(marker.get("message") or "").strip())]
+    errors = [str(e) for e in (marker.get("errors") or []) if e][:MAX_ERROR_LINES]
+    if errors:
+        parts.append("first errors:\n  " + "\n  ".join(errors))
+    if marker.get("log"):
+        parts.append(f"build log: {marker['log']}")
+    parts.append("not retrying until the inputs change or force=true")
+    return "\n".join(parts)
 
 
 def utc_now() -> str:
@@ -416,11 +479,12 @@ def stage_output(r: Resolved, tmp: str, source_sha256: str, log_path: str, log: 
     have = {module_key(n) for n in mods}
     missing = [m for m in r.expected_modules if module_key(m) not in have]
     if missing:
-        raise BuildError("the build did not produce the expected module(s) {} (it produced: {})".format(", ".join(missing), ", ".join(sorted(mods)) or "none"))
+        raise BuildError("the build did not produce the expected module(s) {} (it produced: {})".format(
+            ", ".join(missing), ", ".join(sorted(mods)) or "none"), kind="missing_module")
     kernel_symvers = os.path.join(work, "kernel.symvers")
     infos, problems, checked = check_build(mods, r.kernel_release, kernel_symvers, os.path.join(moddir, "Module.symvers"))
     if problems:
-        raise BuildError("modules do not fit kernel {}: {}".format(r.kernel_release, "; ".join(problems[:40])))
+        raise BuildError("modules do not fit kernel {}: {}".format(r.kernel_release, "; ".join(problems[:40])), kind="abi")
     crc_note = f"{checked} imported symbol CRCs match" if os.path.isfile(kernel_symvers) \
         else "image has no Module.symvers: CRCs not checked"
     log(f"checked {len(infos)} module(s) against {r.kernel_release}: vermagic ok, {crc_note}")
@@ -501,21 +565,44 @@ def known_failure(r: Resolved) -> Optional[dict]:
     if r.req.force:
         return None
     marker = read_failure_marker(r.req.dest)
-    if marker and marker.get("inputs_sha256") == r.inputs_sha256:
+    if marker and marker.get("inputs_sha256") == r.inputs_sha256 and marker.get("kind") not in sources.TRANSIENT_KINDS:
         return marker
     return None
 
 
-def run_build(r: Resolved, log: LogFn) -> BuildOutcome:
+def sweep_leftovers(dest: str, log: LogFn) -> fsutil.Sweep:
+    """Remove what dead runs left beside ``dest`` (workspaces, their mounts and processes, temporary
+    files); call it holding ``fsutil.dest_lock(dest)``. Every step is logged."""
+    swept = fsutil.sweep_dest(dest, release=mounts.release_under)
+    for line in swept.lines():
+        log(line)
+    return swept
+
+
+def sweep_if_idle(dest: str, log: LogFn) -> Optional[fsutil.Sweep]:
+    """For a run that builds nothing (up to date, known failure): sweep when no other run holds the
+    lock of ``dest`` (never waits; a running build sweeps itself). None when nothing was looked at."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dest)) or "/"):
+        return None
+    try:
+        with fsutil.dest_lock(dest, wait=False) as held:
+            return sweep_leftovers(dest, log) if held else None
+    except OSError as exc:  # a read-only parent: nothing can have been left there by us either
+        log(f"cannot look for leftovers beside {dest}: {exc}")
+        return None
+
+
+def run_build(r: Resolved, log: LogFn, swept: Optional[list[str]] = None) -> BuildOutcome:
     """Compile, check, lay out and install into dest. Raises BuildError/InputError on failure
-    (after writing the failure marker for build and check failures).
+    (after writing the failure marker for deterministic failures, see ``BuildError.remembered``).
 
     Runs under an exclusive lock on ``<dest>.lock``: a second run for the same dest waits, then
-    finds the first one's result and reports it unchanged (unless ``force``)."""
-    parent = os.path.dirname(os.path.normpath(r.req.dest))
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.normpath(r.req.dest) + ".lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    finds the first one's result and reports it unchanged (unless ``force``). Holding it, the run
+    first sweeps what dead runs left (``sweep_leftovers``; the lines are appended to ``swept``)."""
+    with fsutil.dest_lock(r.req.dest):
+        lines = sweep_leftovers(r.req.dest, log).lines()
+        if swept is not None:
+            swept.extend(lines)
         if not r.req.force:
             ok, m, why = up_to_date(r.req.dest, r.inputs_sha256)
             if ok:
@@ -569,8 +656,7 @@ def _run_build_locked(r: Resolved, log: LogFn) -> BuildOutcome:
             if keys:
                 shutil.rmtree(keys, ignore_errors=True)
         if res.rc != 0:
-            why = f"timed out after {req.timeout:.0f} s" if res.timed_out else f"exited with rc {res.rc}"
-            raise BuildError(f"build in {os.path.basename(req.image)} {why}", res.output_tail, log_path)
+            raise container_failure(req, res, log_path)
         timings["container"] = res.duration
         mark = time.monotonic()
         stage, manifest = stage_output(r, tmp, source_sha, log_path, log)
@@ -590,11 +676,48 @@ def _run_build_locked(r: Resolved, log: LogFn) -> BuildOutcome:
                             duration=time.monotonic() - started, container_seconds=res.duration, method=res.method,
                             timings=timings)
     except BuildError as exc:
-        tail = exc.log_tail  # set for failures inside the container; a failed check names its problems itself
-        marker = write_failure_marker(req.dest, r.inputs_sha256, exc.msg, log_path)
-        raise BuildError(exc.msg, tail, marker_paths(req.dest)[1] if marker else None) from None
+        raise record_failure(r, exc, log_path, time.monotonic() - started) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        full = BuildError(f"no space left on the device: {exc}", kind="no_space")
+        raise record_failure(r, full, log_path, time.monotonic() - started) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def container_failure(req: BuildRequest, res: container.RunResult, log_path: str) -> BuildError:
+    """The BuildError of a container run that did not exit 0, with what failed: a timeout, a full
+    disk, a kill, or (remembered) the build itself."""
+    errors = first_errors(log_path)
+    if res.timed_out:
+        why, kind = f"timed out after {req.timeout:.0f} s", "timeout"
+    elif "No space left on device" in res.output_tail:
+        why, kind = f"exited with rc {res.rc}: no space left on the device", "no_space"
+    elif res.rc < 0 or res.rc in (128 + 9, 128 + 15):
+        why, kind = f"was killed (rc {res.rc})", "killed"
+    else:
+        why, kind = f"exited with rc {res.rc}", "compile"
+    msg = f"build in {os.path.basename(req.image)} {why}"
+    if errors and kind == "compile":
+        msg += "; first errors:\n  " + "\n  ".join(errors)
+    return BuildError(msg, res.output_tail, log_path, kind=kind, errors=errors)
+
+
+def record_failure(r: Resolved, exc: BuildError, log_path: Optional[str], duration: float) -> BuildError:
+    """Keep the log of a failed run in ``DEST.failed.log``; remember a deterministic failure in
+    ``DEST.failed.json`` (a transient one is not remembered: the next run tries again). An older
+    marker was for other inputs (else this run would not have started) and is dropped."""
+    dest = r.req.dest
+    clear_failure_marker(dest)
+    errors = exc.errors or first_errors(log_path)
+    out = BuildError(exc.msg, exc.log_tail, None, kind=exc.kind, errors=errors)
+    if out.remembered:
+        out.marker = write_failure_marker(dest, r.inputs_sha256, exc.msg, log_path, exc.kind, errors, duration)
+        out.log_path = marker_paths(dest)[1] if os.path.isfile(marker_paths(dest)[1]) else None
+    elif keep_failed_log(dest, log_path):
+        out.log_path = marker_paths(dest)[1]
+    return out
 
 
 def summary(manifest: Optional[dict]) -> dict:

@@ -1,7 +1,8 @@
 # Copyright: (c) 2026, modulus contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Verify detached OpenPGP signatures with an isolated keyring (a private GNUPGHOME holding only
-the given key), fed while the data streams in, judged from ``gpg --status-fd`` machine output."""
+the given key, exported to a keyring file), fed to ``gpgv`` while the data streams in, judged from
+its ``--status-fd`` machine output. No gpg-agent is ever started."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import require_tool, which
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import pid_alive
 
 ARMOR_HEADER = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+HOME_PREFIX = "modulus-gnupg-"
+_HOME_RE = re.compile(re.escape(HOME_PREFIX) + r"([0-9]+)-[^/]+")
 _FPR_RE = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 # status keywords that mean the signature must not be trusted, with the reason shown to the user
 _BAD = {
@@ -79,8 +85,90 @@ def parse_colons_primaries(text: str) -> list[str]:
     return result
 
 
+@dataclass
+class KeyInfo:
+    """One primary key or subkey of the keyring (from ``gpg --with-colons``)."""
+    fingerprint: str
+    keyid: str
+    primary: str  # fingerprint of its primary key
+    is_primary: bool
+    capabilities: str  # lower case: this key's own (s sign, c certify, e encrypt, a auth)
+    validity: str  # gpg's field 2: e expired, r revoked, ...
+    created: int
+    expires: Optional[int]  # seconds since the epoch, None for never
+
+    def expired(self, now: Optional[float] = None) -> bool:
+        now = time.time() if now is None else now
+        return self.validity == "e" or (self.expires is not None and self.expires <= now)
+
+    @property
+    def revoked(self) -> bool:
+        return self.validity == "r"
+
+    @property
+    def can_sign(self) -> bool:
+        return "s" in self.capabilities
+
+
+def parse_colons_keys(text: str) -> list[KeyInfo]:
+    """Every primary key and subkey of ``gpg --with-colons --with-subkey-fingerprint`` output."""
+    keys: list[KeyInfo] = []
+    pending: Optional[list[str]] = None
+    primary = ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if fields[0] in ("pub", "sub", "sec", "ssb") and len(fields) > 11:
+            pending = fields
+        elif fields[0] == "fpr" and pending is not None and len(fields) > 9:
+            fpr = fields[9].upper()
+            is_primary = pending[0] in ("pub", "sec")
+            if is_primary:
+                primary = fpr
+            keys.append(KeyInfo(fingerprint=fpr, keyid=pending[4].upper(), primary=primary, is_primary=is_primary,
+                                capabilities="".join(c for c in pending[11] if c.islower()), validity=pending[1],
+                                created=int(pending[5] or 0), expires=int(pending[6]) if pending[6] else None))
+            pending = None
+        elif fields[0] in ("uid", "uat"):
+            pending = None
+    return keys
+
+
+def _day(ts: Optional[int]) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts)) if ts else "never"
+
+
+def _home_pid(name: str) -> Optional[int]:
+    match = _HOME_RE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def sweep_homes(parent: str) -> list[str]:
+    """Remove the private homes ``modulus-gnupg-<pid>-*`` in ``parent`` whose process is gone
+    (a run killed before it could remove its own); return what was removed."""
+    removed = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    for name in names:
+        pid = _home_pid(name)
+        path = os.path.join(parent, name)
+        if pid is None or pid_alive(pid) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
 class Keyring:
-    """A throwaway GNUPGHOME that holds only the given public key(s); removed on exit."""
+    """A private GNUPGHOME (``modulus-gnupg-<pid>-XXXX`` in ``tmp_dir``) holding only the given public
+    key(s), exported to a keyring file for ``gpgv``; removed on exit.
+
+    No gpg-agent is ever started: every gpg call has ``--no-autostart`` (importing, exporting and
+    listing public keys need none) and signatures are checked by ``gpgv``. A run killed meanwhile
+    leaves its home behind; ``sweep_homes`` removes it once the PID in its name is gone.
+    """
 
     def __init__(self, key_material: bytes, expected_fingerprints: Optional[list[str]] = None,
                  tmp_dir: Optional[str] = None) -> None:
@@ -89,12 +177,19 @@ class Keyring:
         self.tmp_dir = tmp_dir
         self.home: Optional[str] = None
         self.primaries: list[str] = []
+        self.keys: list[KeyInfo] = []
         self.gpg = require_tool("gpg")
+        self.gpgv = which("gpgv")
+
+    @property
+    def keyring_file(self) -> str:
+        return os.path.join(self.home or "", "trusted.gpg")
 
     def _gpg(self, args: list[str], stdin: Optional[bytes] = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
         if self.home is None:
             raise OpenPGPError("internal error: the keyring was used before it was set up")
-        return subprocess.run([self.gpg, "--homedir", self.home, "--batch", "--no-tty", "--no-auto-key-retrieve"] + args,
+        return subprocess.run([self.gpg, "--homedir", self.home, "--batch", "--no-tty", "--no-autostart",
+                               "--no-auto-key-retrieve"] + args,
                               input=stdin, capture_output=True, timeout=timeout,
                               check=False, env=self.env())
 
@@ -106,12 +201,13 @@ class Keyring:
         return env
 
     def __enter__(self) -> Keyring:
-        self.home = tempfile.mkdtemp(prefix="modulus-gnupg-", dir=self.tmp_dir)
+        if self.tmp_dir:
+            os.makedirs(self.tmp_dir, exist_ok=True)
+        self.home = tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-", dir=self.tmp_dir)
         os.chmod(self.home, 0o700)
         try:
             proc = self._gpg(["--import"], stdin=self.key_material)
-            listing = self._gpg(["--with-colons", "--fingerprint", "--list-keys"])
-            self.primaries = parse_colons_primaries(listing.stdout.decode("utf-8", "replace"))
+            self._refresh_listing()
             if not self.primaries:
                 raise OpenPGPError("no OpenPGP public key could be imported from verify_key: {}".format(proc.stderr.decode("utf-8", "replace").strip()))
             missing = [f for f in self.expected if f not in self.primaries]
@@ -119,19 +215,63 @@ class Keyring:
                 raise OpenPGPError("verify_key holds the key(s) {}, not the expected {}".format(", ".join(self.primaries), ", ".join(missing)))
             if not self.expected:
                 self.expected = list(self.primaries)
+            self._export()
         except BaseException:
             self.close()
             raise
         return self
 
+    def _refresh_listing(self) -> None:
+        listing = self._gpg(["--with-colons", "--with-subkey-fingerprint", "--list-keys"]).stdout.decode("utf-8", "replace")
+        self.keys = parse_colons_keys(listing)
+        self.primaries = [k.fingerprint for k in self.keys if k.is_primary]
+
+    def _export(self) -> None:
+        """The keyring file gpgv reads (binary transferable public keys), written atomically."""
+        proc = self._gpg(["--export"])
+        if proc.returncode != 0 or not proc.stdout:
+            raise OpenPGPError("gpg --export failed: {}".format(proc.stderr.decode("utf-8", "replace").strip()))
+        tmp = self.keyring_file + ".tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(proc.stdout)
+        os.replace(tmp, self.keyring_file)
+
+    def show_keys(self, material: bytes) -> list[KeyInfo]:
+        """The keys in ``material`` without importing them."""
+        proc = self._gpg(["--with-colons", "--with-subkey-fingerprint", "--import-options", "show-only", "--import"],
+                         stdin=material)
+        return parse_colons_keys(proc.stdout.decode("utf-8", "replace"))
+
+    def add_key(self, material: bytes, source: str) -> list[str]:
+        """Merge a newer copy of a pinned key (new subkeys, extended expiry) into the keyring.
+
+        Refused (``OpenPGPError``, nothing imported) unless every primary key in ``material`` is one
+        of the expected (pinned) fingerprints. gpg itself checks that new subkeys and expiry dates
+        carry valid binding signatures of that primary key. Returns the primary fingerprints."""
+        shown = self.show_keys(material)
+        primaries = [k.fingerprint for k in shown if k.is_primary]
+        if not primaries:
+            raise OpenPGPError(f"{source} holds no OpenPGP public key")
+        foreign = [f for f in primaries if f not in self.expected]
+        if foreign:
+            raise OpenPGPError("{} holds the key(s) {}, whose primary fingerprint is not the pinned {}: refused".format(
+                source, ", ".join(foreign), ", ".join(self.expected)))
+        proc = self._gpg(["--import"], stdin=material)
+        if proc.returncode not in (0, 2):
+            raise OpenPGPError("importing {} failed: {}".format(source, proc.stderr.decode("utf-8", "replace").strip()))
+        self._refresh_listing()
+        self._export()
+        return primaries
+
+    def export_armored(self, fingerprint: str) -> bytes:
+        """The armored public key ``fingerprint`` as merged in this keyring."""
+        proc = self._gpg(["--armor", "--export", fingerprint])
+        if proc.returncode != 0 or not proc.stdout:
+            raise OpenPGPError("gpg --export {} failed: {}".format(fingerprint, proc.stderr.decode("utf-8", "replace").strip()))
+        return proc.stdout
+
     def close(self) -> None:
         if self.home and os.path.isdir(self.home):
-            gpgconf = which("gpgconf")
-            # Importing a key may start gpg-agent; its sockets can live under /run/user/<uid>/gnupg rather
-            # than in the home, so always ask gpgconf to stop whatever belongs to this home.
-            if gpgconf:
-                subprocess.run([gpgconf, "--homedir", self.home, "--kill", "all"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, env=self.env())
             shutil.rmtree(self.home, ignore_errors=True)
         self.home = None
 
@@ -140,24 +280,75 @@ class Keyring:
 
     def key_ids(self) -> list[str]:
         """Long key ids of every primary key and subkey in the keyring."""
-        listing = self._gpg(["--with-colons", "--list-keys"]).stdout.decode("utf-8", "replace")
-        return [f.split(":")[4].upper() for f in listing.splitlines() if f.split(":")[0] in ("pub", "sub")
-                and len(f.split(":")) > 4]
+        return [k.keyid for k in self.keys]
+
+    def issuers(self, sig_path: str) -> Optional[list[str]]:
+        """Issuer key ids of the signature packets in ``sig_path`` (None: not an OpenPGP signature)."""
+        proc = self._gpg(["--list-packets", sig_path])
+        text = proc.stdout.decode("utf-8", "replace")
+        found = re.findall(r":signature packet: algo \d+, keyid ([0-9A-Fa-f]{16})", text)
+        if proc.returncode != 0 or not found:
+            return None
+        return [k.upper() for k in found]
 
     def precheck(self, sig_path: str) -> Optional[str]:
         """Before streaming gigabytes: is this an OpenPGP signature by a key in the keyring?
         Returns None when it may verify, else the reason it cannot."""
-        proc = self._gpg(["--list-packets", sig_path])
-        text = proc.stdout.decode("utf-8", "replace")
-        issuers = re.findall(r":signature packet: algo \d+, keyid ([0-9A-Fa-f]{16})", text)
-        if proc.returncode != 0 or not issuers:
+        issuers = self.issuers(sig_path)
+        if not issuers:
             return "the signature file is not an OpenPGP signature"
         known = self.key_ids()
-        unknown = [k.upper() for k in issuers if k.upper() not in known]
+        unknown = [k for k in issuers if k not in known]
         if unknown:
             return "the signature was made by key id {}, which is not in verify_key (key ids {})".format(
                 ", ".join(unknown), ", ".join(known))
         return None
+
+    def expired_signers(self, sig_path: str, now: Optional[float] = None) -> list[KeyInfo]:
+        """The keys that made the signature(s) in ``sig_path`` and are expired now, or whose primary
+        key is (gpg would report EXPKEYSIG / KEYEXPIRED for them)."""
+        by_id = {k.keyid: k for k in self.keys}
+        primaries = {k.fingerprint: k for k in self.keys if k.is_primary}
+        out = []
+        for keyid in self.issuers(sig_path) or []:
+            key = by_id.get(keyid)
+            if key is None:
+                continue
+            primary = primaries.get(key.primary)
+            if key.expired(now) or (primary is not None and primary.expired(now)):
+                out.append(key)
+        return out
+
+    def describe_expired(self, keys: list[KeyInfo]) -> str:
+        primaries = {k.fingerprint: k for k in self.keys if k.is_primary}
+        parts = []
+        for key in keys:
+            primary = primaries.get(key.primary)
+            if primary is not None and primary.expired() and primary is not key:
+                parts.append(f"the primary key {key.primary} expired on {_day(primary.expires)}")
+            else:
+                what = "primary key" if key.is_primary else "signing subkey"
+                parts.append(f"the {what} {key.fingerprint} (primary {key.primary}) expired on {_day(key.expires)}")
+        return "; ".join(parts)
+
+    def expiry(self, signing_fingerprint: Optional[str] = None, now: Optional[float] = None) -> Optional[int]:
+        """When the key in use stops verifying: the earlier of its primary key's expiry and the
+        expiry of the subkey ``signing_fingerprint`` (without it: of the longest-lived usable
+        signing-capable key). None: never."""
+        now = time.time() if now is None else now
+        candidates = [k for k in self.keys if k.primary in self.expected]
+        if signing_fingerprint:
+            used = [k for k in candidates if k.fingerprint == signing_fingerprint.upper()]
+        else:
+            usable = [k for k in candidates if k.can_sign and not k.revoked and not k.expired(now)]
+            usable.sort(key=lambda k: k.expires if k.expires is not None else 1 << 62)
+            used = usable[-1:]
+        if not used:
+            return None
+        key = used[0]
+        primary = next((k for k in self.keys if k.is_primary and k.fingerprint == key.primary), None)
+        dates = [d for d in (key.expires, primary.expires if primary else None) if d]
+        return min(dates) if dates else None
 
     def verifier(self, sig_path: str) -> StreamVerifier:
         return StreamVerifier(self, sig_path)
@@ -204,7 +395,8 @@ def judge_status(status_text: str, expected_primaries: list[str], returncode: in
 
 
 class StreamVerifier:
-    """``gpg --verify SIG -`` fed chunk by chunk; ``finish()`` closes the input and judges the result."""
+    """``gpgv --status-fd 1 SIG -`` (gpg --verify without gpgv) fed chunk by chunk; ``finish()``
+    closes the input and judges the result. It runs in a process group of its own, killed on abort."""
 
     def __init__(self, keyring: Keyring, sig_path: str) -> None:
         if keyring.home is None:
@@ -213,10 +405,14 @@ class StreamVerifier:
         self.broken = False
         self._status = tempfile.TemporaryFile(dir=keyring.home)  # noqa: SIM115 - closed in finish()/abort()
         self._stderr = tempfile.TemporaryFile(dir=keyring.home)  # noqa: SIM115 - closed in finish()/abort()
-        self.proc = subprocess.Popen(
-            [keyring.gpg, "--homedir", keyring.home, "--batch", "--no-tty", "--no-auto-key-retrieve",
-             "--trust-model", "always", "--status-fd", "1", "--verify", sig_path, "-"],
-            stdin=subprocess.PIPE, stdout=self._status, stderr=self._stderr, env=keyring.env())
+        if keyring.gpgv:
+            args = [keyring.gpgv, "--homedir", keyring.home, "--keyring", keyring.keyring_file, "--status-fd", "1",
+                    sig_path, "-"]
+        else:
+            args = [keyring.gpg, "--homedir", keyring.home, "--batch", "--no-tty", "--no-autostart",
+                    "--no-auto-key-retrieve", "--trust-model", "always", "--status-fd", "1", "--verify", sig_path, "-"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._status, stderr=self._stderr,
+                                     env=keyring.env(), start_new_session=True)
 
     def feed(self, chunk: bytes) -> None:
         if self.broken or not chunk:
@@ -224,12 +420,16 @@ class StreamVerifier:
         try:
             self.proc.stdin.write(chunk)
         except (BrokenPipeError, ValueError):
-            # gpg stopped reading (for example an unparsable signature): finish() reports why
+            # gpgv stopped reading (for example an unparsable signature): finish() reports why
             self.broken = True
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def abort(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._kill()
         self._close_stdin()
         self.proc.wait()
         self._status.close()
@@ -245,7 +445,7 @@ class StreamVerifier:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.abort()
-            return VerifyResult(False, f"gpg did not finish within {timeout:.0f} s")
+            return VerifyResult(False, f"gpgv did not finish within {timeout:.0f} s")
         self._status.seek(0)
         self._stderr.seek(0)
         status = self._status.read().decode("utf-8", "replace")

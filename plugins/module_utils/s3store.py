@@ -16,7 +16,7 @@ import contextlib
 import traceback
 from typing import Any, Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils.stores import ObjectInfo, Store, StoreError
+from ansible_collections.modulus.kmods.plugins.module_utils.stores import MAX_SMALL, ObjectInfo, Store, StoreError
 
 BOTO3_IMPORT_ERROR: Optional[str] = None
 try:
@@ -182,6 +182,26 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise self._error(exc, "DELETE", key) from None
+
+    def get_small(self, key: str) -> Optional[bytes]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if int(resp.get("ContentLength") or 0) > MAX_SMALL:
+                raise StoreError(f"store {self.where}: {key} is larger than {MAX_SMALL} bytes")
+            return resp["Body"].read(MAX_SMALL + 1)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._error(exc, "GET", key) from None
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise self._error(exc, "GET", key) from None
+
+    def put_small(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="text/plain",
+                                   **self.extra)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise self._error(exc, "PUT", key) from None
 
     @staticmethod
     def _precondition_failed(exc: Exception) -> bool:

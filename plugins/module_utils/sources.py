@@ -32,14 +32,42 @@ _GIT_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./+-]{0,199}")
 DOWNLOAD_RETRIES = 3
 
 
-class BuildError(Exception):
-    """A build or its verification failed; ``log_tail`` holds the end of the build log."""
+# What failed, for kmod_build's failure memory. A deterministic failure (the same inputs fail the
+# same way) is remembered in DEST.failed.json; a transient one (network, clone, timeout, disk
+# full, killed) is reported only, so the next run tries again without force.
+TRANSIENT_KINDS = ("download", "git", "timeout", "no_space", "killed")
+FAILURE_TEXT = {
+    "compile": "compile error",
+    "missing_module": "an expected module was not built",
+    "abi": "ABI mismatch (vermagic or symbol CRCs)",
+    "source": "unusable source",
+    "build": "the build failed its checks",
+    "download": "download failed",
+    "git": "git clone failed",
+    "timeout": "the build timed out",
+    "no_space": "no space left on the device",
+    "killed": "the build was killed",
+}
 
-    def __init__(self, msg: str, log_tail: str = "", log_path: Optional[str] = None) -> None:
+
+class BuildError(Exception):
+    """A build or its verification failed; ``log_tail`` holds the end of the build log, ``kind``
+    what failed (``FAILURE_TEXT``), ``errors`` the compiler's first error lines."""
+
+    def __init__(self, msg: str, log_tail: str = "", log_path: Optional[str] = None, kind: str = "build",
+                 errors: Optional[list[str]] = None) -> None:
         super().__init__(msg)
         self.msg = msg
         self.log_tail = log_tail
         self.log_path = log_path
+        self.kind = kind if kind in FAILURE_TEXT else "build"
+        self.errors = list(errors or [])
+        self.marker: Optional[str] = None  # DEST.failed.json once remembered
+
+    @property
+    def remembered(self) -> bool:
+        """Whether this failure is deterministic (the same inputs would fail again)."""
+        return self.kind not in TRANSIENT_KINDS
 
 
 class InputError(ValueError):
@@ -146,7 +174,7 @@ def download(url: str, dest_path: str, timeout: float, validate_certs: bool = Tr
     try:
         digest, size = http.download_file(url, dest_path, timeout, validate_certs, retries=retries, log=log)
     except (http.FetchError, OSError) as exc:
-        raise BuildError(f"download of {url} failed: {exc}") from exc
+        raise BuildError(f"download of {url} failed: {exc}", kind="download") from exc
     log(f"downloaded {url} ({size} bytes)")
     return digest
 
@@ -170,7 +198,7 @@ def prepare_run(kind: str, source: str, in_dir: str, checksum: Optional[str], ti
     with open(run_path, "rb") as f:
         head = f.read(2)
     if head != b"#!":
-        raise BuildError(f"source {source} is not a self-extracting .run archive (no '#!' header)")
+        raise BuildError(f"source {source} is not a self-extracting .run archive (no '#!' header)", kind="source")
     return run_path, digest
 
 
@@ -185,12 +213,16 @@ def _git_clone(source: str, git_ref: Optional[str], src_root: str, timeout: floa
     url = source[4:] if source.startswith("git+") else source
     git = shutil.which("git")
     if not git:
-        raise BuildError(f"source={source} needs git on the host, and git was not found")
+        raise BuildError(f"source={source} needs git on the host, and git was not found", kind="git")
     for cmd in ([git, "clone", "--quiet", "--no-checkout", url, src_root],
                 [git, "-C", src_root, "checkout", "--quiet", git_ref or "HEAD"]):
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise BuildError("{} timed out after {:.0f} s".format(" ".join(cmd[:3]), timeout), kind="git") from None
         if p.returncode:
-            raise BuildError("{} failed: {}".format(" ".join(cmd[:3]), p.stdout.decode("utf-8", "replace")[-1000:]))
+            raise BuildError("{} failed: {}".format(" ".join(cmd[:3]), p.stdout.decode("utf-8", "replace")[-1000:]),
+                             kind="git")
     head = subprocess.run([git, "-C", src_root, "rev-parse", "HEAD"], stdout=subprocess.PIPE, check=True)
     shutil.rmtree(os.path.join(src_root, ".git"), ignore_errors=True)
     log(f"git {url} at {head.stdout.decode().strip()}")
@@ -218,8 +250,8 @@ def prepare_tree(kind: str, source: str, identity: str, in_dir: str, work_dir: s
     try:
         fsutil.extract_tar(tarball, unpack, keep_mtime=True)
     except fsutil.UnsafePathError as exc:
-        raise BuildError(f"source tarball {source}: {exc}") from None
+        raise BuildError(f"source tarball {source}: {exc}", kind="source") from None
     except tarfile.TarError as exc:
-        raise BuildError(f"source={source} is not a readable tarball: {exc}") from exc
+        raise BuildError(f"source={source} is not a readable tarball: {exc}", kind="source") from exc
     os.rename(_single_top_dir(unpack), src_root)
     return src_root, digest

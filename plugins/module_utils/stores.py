@@ -27,6 +27,7 @@ from ansible.module_utils.urls import open_url
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import atomic_copy, atomic_write
 
 META_SUFFIX = ".json"
+MAX_SMALL = 1 << 20  # a signature or a lease; anything larger is refused
 
 
 class StoreError(Exception):
@@ -72,6 +73,15 @@ class Store:
 
     def delete(self, key: str) -> None:
         raise StoreError(f"store {self.url} is read-only: cannot delete {key}")
+
+    # small objects beside an archive (its signature ``<key>.sig``)
+    def get_small(self, key: str) -> Optional[bytes]:
+        """The content of a small object (at most ``MAX_SMALL`` bytes), None when it does not exist."""
+        raise NotImplementedError
+
+    def put_small(self, key: str, data: bytes) -> None:
+        """Write a small object atomically."""
+        raise StoreError(f"store {self.url} is read-only: cannot write {key}")
 
     # leases (small objects with compare-and-swap)
     def create_exclusive(self, key: str, data: bytes) -> bool:
@@ -198,6 +208,28 @@ class FileStore(Store):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def get_small(self, key: str) -> Optional[bytes]:
+        self.requests += 1
+        try:
+            with open(self._path(key), "rb") as handle:
+                data = handle.read(MAX_SMALL + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"store {self.url}: cannot read {key}: {exc.strerror or exc}") from None
+        if len(data) > MAX_SMALL:
+            raise StoreError(f"store {self.url}: {key} is larger than {MAX_SMALL} bytes")
+        return data
+
+    def put_small(self, key: str, data: bytes) -> None:
+        self.requests += 1
+        target = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            atomic_write(target, data)
+        except OSError as exc:
+            raise StoreError(f"store {self.url}: cannot write {key}: {exc.strerror or exc}") from None
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         self.requests += 1
         path = self._path(key)
@@ -308,6 +340,19 @@ class HttpStore(Store):
                     meta = _parse_meta(side.read(65536))
                 sha, msha = meta.get("sha256"), meta.get("manifest_sha256")
         return ObjectInfo(key, size, sha, msha, etag)
+
+    def get_small(self, key: str) -> Optional[bytes]:
+        resp = self._open(self._url(key))
+        if resp is None:
+            return None
+        try:
+            with resp:
+                data = resp.read(MAX_SMALL + 1)
+        except (OSError, socket.timeout) as exc:
+            raise StoreError(f"store {self.url}: GET {key} failed: {exc}") from None
+        if len(data) > MAX_SMALL:
+            raise StoreError(f"store {self.url}: {key} is larger than {MAX_SMALL} bytes")
+        return data
 
     def download(self, key: str, path: str) -> None:
         resp = self._open(self._url(key))

@@ -95,9 +95,23 @@ options:
     description:
       - OpenPGP public key the image must be signed with, as armored text or the path of a key file.
       - Defaults to the Flatcar image signing key shipped in the collection (primary fingerprint
-        C(F88CFEDEFF29A5B4D9523864E25D9AED0593B34A)). Its signing subkey rotates about once a year,
-        give the newer key here until the collection ships it.
+        C(F88CFEDEFF29A5B4D9523864E25D9AED0593B34A)). Its signing subkey rotates about once a year;
+        when the subkey that made a signature has expired, O(key_url) supplies a current copy.
     type: str
+  key_url:
+    description:
+      - Where to fetch a current copy of the verification key when the (sub)key that made the image's
+        signature has expired (gpg reports C(EXPKEYSIG)). C(https://), C(http://) and C(file://) are
+        supported, for example a mirror or a copy on an air-gapped site.
+      - The copy is accepted only if every primary key in it has one of the expected (pinned) fingerprints
+        (O(verify_fingerprint), else the primary keys of O(verify_key) or the bundled key); new subkeys and
+        expiry dates count only with a valid binding signature of that primary key. Anything else is refused
+        and the task fails.
+      - An accepted copy is merged into the private keyring, the signature is checked again, and the copy is
+        cached as C({cache_dir}/keys/<fingerprint>.asc), so later runs use it without fetching it again.
+      - Set to an empty string to disable the refresh; an expired signing key then fails the task.
+    type: str
+    default: https://www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc
   verify_fingerprint:
     description:
       - Primary key fingerprint(s) a good signature must come from. Defaults to the Flatcar key's with
@@ -181,8 +195,15 @@ options:
     description: File the whole output of O(command) is appended to. Defaults to C({cache_dir}/logs/run-<version>-<time>.log).
     type: path
 notes:
-  - The signature is verified with a private, temporary GNUPGHOME; the user's keyring is never read or changed.
+  - The signature is verified by C(gpgv) with a keyring file in a private, temporary GNUPGHOME
+    (C(modulus-gnupg-<pid>-*) in O(cache_dir)); the user's keyring is never read or changed and no gpg-agent is started.
   - Nothing is cached unless the signature is good; a failed or interrupted download leaves no partial file.
+  - A cached image verified with another key than the expected one is replaced only when a new copy has been
+    downloaded and verified (the new entry is built beside the old one and exchanged in one step); a failed
+    download leaves the cached image and its metadata as they were.
+  - Each run first removes what killed runs left behind (private GNUPGHOMEs, partial downloads, staging and run
+    directories, whose mounts are released; loop devices are set to clear themselves when unmounted).
+  - The result warns when the signing key in use expires within 60 days (RV(key_expires)).
 seealso:
   - name: Flatcar developer container
     description: How Flatcar documents building kernel modules in the developer container.
@@ -315,6 +336,28 @@ image_release:
   returned: state=present and not check mode
   type: dict
   sample: {"FLATCAR_RELEASE_VERSION": "4459.2.1", "FLATCAR_RELEASE_BOARD": "amd64-usr"}
+key_expires:
+  description:
+    - When the key in use stops verifying new downloads (UTC), the earlier of the expiry of the subkey that made the
+      signature and that of its primary key; null when it never expires. A warning is added within 60 days.
+  returned: state=present
+  type: str
+  sample: "2027-03-08T09:14:02Z"
+key_refresh:
+  description:
+    - Set when the signing key had expired and a current copy was fetched from O(key_url) and accepted
+      (C(url), C(fingerprints), C(cached_keys), C(reason)).
+  returned: when the key was refreshed
+  type: dict
+  sample: {"url": "https://www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc",
+           "fingerprints": ["F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"],
+           "cached_keys": ["/var/cache/modulus/devcontainer/keys/F88CFEDEFF29A5B4D9523864E25D9AED0593B34A.asc"],
+           "reason": "the signing subkey ... expired on 2027-03-08"}
+swept:
+  description: What killed earlier runs had left behind and this run removed.
+  returned: when something was removed
+  type: list
+  elements: str
 signing_fingerprint:
   description: Primary fingerprint of the key whose good signature was verified.
   returned: state=present and not check mode
@@ -379,6 +422,7 @@ from ansible.module_utils.common.text.converters import to_native  # noqa: E402
 from ansible_collections.modulus.kmods.plugins.module_utils.devcontainer import (  # noqa: E402
     DEFAULT_CACHE_SUBDIR,
     DEFAULT_FALLBACK_URL_TEMPLATE,
+    DEFAULT_KEY_URL,
     DEFAULT_URL_TEMPLATE,
     Request,
     RequestError,
@@ -402,6 +446,7 @@ def argument_spec() -> dict:
         image_name=dict(type="str"),
         verify_key=dict(type="str", no_log=False),
         verify_fingerprint=dict(type="list", elements="str", default=[]),
+        key_url=dict(type="str", default=DEFAULT_KEY_URL),
         cache_dir=dict(type="path"),
         keep=dict(type="int", default=3),
         network_timeout=dict(type="float", default=60, aliases=["timeout"]),
@@ -436,6 +481,7 @@ def build_request(params: dict) -> Request:
         image_name=params["image_name"],
         verify_key=params["verify_key"],
         verify_fingerprints=params["verify_fingerprint"],
+        key_url=params["key_url"] or None,
         cache_dir=params["cache_dir"],
         keep=params["keep"],
         timeout=params["network_timeout"],
@@ -488,6 +534,8 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear fail_json
         module.fail_json(msg=f"{type(exc).__name__}: {to_native(exc)}", exception=traceback.format_exc(),
                          fetch_log=fetch_log)
+    for warning in result.pop("warnings", []):
+        module.warn(warning)
     result["fetch_log"] = fetch_log
     result["os_version"] = result.get("release_version")
     if request is not None and request.command and "rc" in result and (result["rc"] != 0 or result.get("timed_out")):

@@ -30,6 +30,7 @@ attributes:
     description: Only reads; runs the same in check mode.
   diff_mode:
     support: none
+    description: Changes nothing, so there is no difference to show.
   platform:
     platforms: posix
     support: full
@@ -111,7 +112,7 @@ pending:
   description:
     - The release the host boots into next, with its kernel, in the same form as RV(current); null when no
       update waits for a reboot.
-    - RV(pending.kernel_release) is null when the not-booted USR partition cannot be read; RV(pending.note) says why.
+    - Its C(kernel_release) is null when the not-booted USR partition cannot be read; its C(note) says why.
       The kernel is then known only from the developer container (M(modulus.kmods.coreos_devcontainer)).
   returned: always
   type: dict

@@ -18,8 +18,16 @@ description:
     metadata (C(x-amz-meta-sha256); a C(<key>.json) sidecar on file and http stores) and in the local manifest.
   - A pull verifies the archive and every file against the manifest, refuses entries that would
     escape O(dest), and makes the tree visible with an atomic rename.
-  - Reads the archives of the original modulus tool (C(<os_version>-<channel>-<driver>-<driver_version>.tar.gz)
-    holding C(<driver>/<driver_version>/...)) and imports them with a manifest made from their content.
+  - A pull checks, before the build is made visible, that the object's C(manifest-sha256) metadata names the
+    manifest inside the archive and that every C(.ko) is an ELF kernel module whose vermagic names
+    O(kernel_release).
+  - With O(signing_key) a push signs the build's manifest (which lists every file's SHA-256) with
+    C(ssh-keygen -Y sign) (namespace C(modulus-build)) and stores the signature beside the archive as
+    C(<key>.sig). With O(trusted_keys) a pull accepts only builds whose manifest signature verifies with
+    one of those keys (C(ssh-keygen -Y verify)); without, it reports RV(authenticated=false).
+  - With O(legacy=true), reads the archives of the original modulus tool
+    (C(<os_version>-<channel>-<driver>-<driver_version>.tar.gz) holding C(<driver>/<driver_version>/...))
+    and imports them with a manifest made from their content.
   - The fleet lock is a lease object beside the archive, created with a conditional write and
     expiring after O(lock_ttl) seconds; a stale lease is taken over with a compare-and-swap.
 author:
@@ -100,9 +108,37 @@ options:
     aliases: [signing_key_fingerprint]
   legacy:
     description:
-      - Also look for the original tool's archive when the build is not found under its own key.
+      - Also look for the original tool's archive when the build is not found under its own key, and import it.
+      - Such an archive has no manifest nor checksum. It is imported only when no member is absolute or leaves
+        the archive, it holds modules for O(kernel_release) and no other kernel, and every C(.ko) is an ELF
+        kernel module whose vermagic names O(kernel_release).
+      - It carries no signature, so it is refused when O(trusted_keys) is set.
     type: bool
-    default: true
+    default: false
+  signing_key:
+    description:
+      - With O(state=present), path of an OpenSSH private key (without passphrase) on the managed node that
+        signs the build's manifest (C(ssh-keygen -Y sign -n modulus-build)). The signature is stored beside
+        the archive as C(<key>.sig) and recorded in the local manifest's C(archive) section.
+      - When the store already holds the build, its signature is checked (one more request) and written
+        again only when it is missing or made by another key.
+      - The key itself is never read by the module nor logged; C(ssh-keygen) reads it.
+      - Needs C(ssh-keygen) (OpenSSH 8.2 or later) on the managed node.
+    type: path
+  trusted_keys:
+    description:
+      - With O(state=fetched), the OpenSSH public keys (C(ssh-ed25519 AAAA... comment) lines, or absolute paths
+        of files holding such lines, one key per line) whose signatures are accepted.
+      - A build is accepted only when C(<key>.sig) is a C(modulus-build) signature of the manifest inside
+        the archive by one of these keys; a build already in O(dest) only when the signature recorded in its
+        manifest verifies. Unsigned builds and the original tool's archives are refused.
+      - Each key is written to a temporary allowed_signers file with the one principal C(modulus-build),
+        restricted to the namespace C(modulus-build); options and principals given in the lines are
+        ignored and certificate authorities are refused.
+      - Without it, builds are not authenticated (RV(authenticated=false)) and only their checksums are verified.
+      - Needs C(ssh-keygen) (OpenSSH 8.2 or later) on the managed node.
+    type: list
+    elements: str
   remote_check:
     description:
       - With O(state=fetched) and O(dest) already holding the verified build, compare its checksum with
@@ -189,6 +225,25 @@ EXAMPLES = r"""
     lock_wait: 1800
   register: fleet_lock
 
+- name: Push a signed build
+  modulus.kmods.kmod_archive:
+    state: present
+    store: s3://gpu-fleet-kmods/flatcar
+    src: /opt/modulus/archive/nvidia/535.104.05/6.6.95-flatcar
+    signing_key: /etc/modulus/fleet-signing-key
+
+- name: Fetch only builds signed by the fleet key
+  modulus.kmods.kmod_archive:
+    state: fetched
+    store: https://mirror.example.com/kmods
+    os_version: 4459.2.1
+    kernel_release: 6.6.95-flatcar
+    driver: nvidia
+    driver_version: 535.104.05
+    trusted_keys:
+      - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHB1epj72kAd84enbyWAz117yFOtKbndPI5lJvUhhgjo fleet-2026
+      - /etc/modulus/trusted-build-keys.pub
+
 - name: Read from a public mirror (read-only)
   modulus.kmods.kmod_archive:
     state: query
@@ -235,6 +290,32 @@ legacy:
   description: Whether the archive is in the original tool's layout (the manifest was made on import).
   returned: O(state=fetched) or O(state=query)
   type: bool
+signed:
+  description:
+    - With O(state=present), whether the build in the store is signed by O(signing_key).
+    - With O(state=fetched), whether a signature was verified (null when O(trusted_keys) is not set, it is not looked at).
+  returned: O(state=present) or O(state=fetched)
+  type: bool
+authenticated:
+  description:
+    - With O(state=fetched), whether the build in O(dest) is signed by one of O(trusted_keys). Always false
+      without O(trusted_keys) (only checksums were verified). Always false with O(state=present).
+  returned: O(state=present) or O(state=fetched)
+  type: bool
+signer_key:
+  description:
+    - SHA-256 fingerprint (as C(ssh-keygen -l) prints it) of the key that signed the build, O(signing_key)'s
+      for a push, the trusted key whose signature verified for a pull.
+  returned: O(state=present) or O(state=fetched)
+  type: str
+  sample: SHA256:sLKaAcLH5eX639zFQRtTf37Nicqh5fo0y/58fc4p1Bc
+swept:
+  description:
+    - What runs that died (killed, crashed) had left beside O(dest) (or O(src)) and this run removed before it
+      started, one line each (workspaces, their mounts and processes, temporary files).
+  returned: O(state=present) or O(state=fetched), unless in check mode
+  type: list
+  elements: str
 dest:
   description: The directory holding the fetched build.
   returned: O(state=fetched)
@@ -291,7 +372,9 @@ def argument_spec() -> dict:
         driver_version=dict(type="str"),
         module_type=dict(type="str", aliases=["kernel_module_type"]),
         signer=dict(type="str", aliases=["signing_key_fingerprint"]),
-        legacy=dict(type="bool", default=True),
+        legacy=dict(type="bool", default=False),
+        signing_key=dict(type="path", no_log=False),
+        trusted_keys=dict(type="list", elements="str", no_log=False),
         remote_check=dict(type="bool", default=True),
         compression_level=dict(type="int", default=1),
         tmp_dir=dict(type="path"),
@@ -391,9 +474,11 @@ def main() -> None:
         store = open_store(p["store"], p)
         owner = p["lock_owner"] or default_owner()
         if state == "present":
-            result = ops.push(p["src"], store, given, p["compression_level"], module.check_mode, p["tmp_dir"])
+            result = ops.push(p["src"], store, given, p["compression_level"], module.check_mode, p["tmp_dir"],
+                              signing_key=p["signing_key"])
         elif state == "fetched":
-            result = ops.pull(dest, store, ident, p["channel"], p["legacy"], p["remote_check"], module.check_mode)
+            result = ops.pull(dest, store, ident, p["channel"], p["legacy"], p["remote_check"], module.check_mode,
+                              trusted_keys=p["trusted_keys"])
         elif state == "query":
             result = ops.query(store, ident, p["channel"], p["legacy"])
         elif state == "absent":
@@ -409,6 +494,8 @@ def main() -> None:
     finally:
         if store is not None:
             store.close()
+    for line in result.get("swept") or []:
+        module.log(line)
     if result.get("remote_error"):
         module.warn(f"kept the verified build in {result.get('dest')}: {result['remote_error']}")
     if not module._diff:

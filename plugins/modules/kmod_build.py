@@ -353,16 +353,41 @@ timings:
   type: dict
   sample: {"prepare": 0.2, "container": 110.5, "check_and_stage": 1.1, "install_and_cleanup": 0.9}
 reason:
-  description: Why the module did or did not build (C(up to date), C(inputs changed), C(force) ...).
+  description:
+    - Why the module did or did not build (C(up to date), C(inputs changed), C(force) ...).
+    - For a failed run, what failed and whether it is remembered; it starts with C(build failed) (then the
+      failure, for example C(compile error) or C(download failed), and either where it is remembered or
+      C(transient) and not remembered) or with C(known failure) (a remembered failure, nothing was run).
   returned: always
   type: str
 duration:
-  description: Seconds the whole build took (0 when nothing was built).
+  description:
+    - Seconds the whole build took (0 when nothing was built). For a failed run, the seconds it ran
+      until it failed (a known failure fails within a fraction of a second).
   returned: always
   type: float
+failure:
+  description:
+    - What failed, for a failed build. C(kind) is one of C(compile), C(missing_module), C(abi), C(source),
+      C(build) (remembered), C(download), C(git), C(timeout), C(no_space), C(killed), C(error) (transient, not remembered).
+    - C(remembered) tells whether the failure is in C(DEST.failed.json) (the same inputs then fail at once,
+      C(known=true), until they change or O(force=true)); C(errors) holds the compiler's first error lines.
+  returned: when the build failed
+  type: dict
+  sample: {"kind": "compile", "remembered": true, "known": false, "marker": "/opt/modulus/archive/x.failed.json",
+           "errors": ["/modulus/work/src/modulus_hello.c:20:18: error: expected ';' before 'this'"]}
+swept:
+  description:
+    - What runs that died (killed, crashed) had left beside O(dest) and this run removed before it started,
+      one line each, for example C(removed leftover /opt/x/.dest.build-1234-abcd), C(released leftover mount ...),
+      C(killed leftover process ...) or C(kept leftover ...) with the reason.
+  returned: unless in check mode or the options are invalid
+  type: list
+  elements: str
 """
 
 import os  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
@@ -484,6 +509,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
+    started = time.monotonic()
     result: dict = dict(changed=False, dest=p["dest"], reason="", duration=0.0)
     try:
         if p["recipe"] == "nvidia" and p["driver"] not in (None, "nvidia"):
@@ -510,17 +536,23 @@ def main() -> None:
     result.update(identity=ident, kernel_release=resolved.kernel_release, driver=resolved.driver,
                   driver_version=resolved.driver_version, module_type=ident["module_type"],
                   inputs_sha256=resolved.inputs_sha256, reason=why)
+    marker = None if up_to_date else kmodbuild.known_failure(resolved)
+    if (up_to_date or marker) and not module.check_mode:
+        # nothing is built: still remove what killed runs left beside dest (when no build runs now)
+        swept = kmodbuild.sweep_if_idle(dest, module.log)
+        result["swept"] = swept.lines() if swept else []
     if up_to_date:
         result.update(modules=existing.get("modules", []), manifest=existing,
                       source_sha256=existing.get("source_sha256"), build_log=f"{dest}/build.log")
         module.exit_json(**result)
 
-    marker = kmodbuild.known_failure(resolved)
     if marker:
-        result["build_log"] = marker.get("log")
-        marker_path = kmodbuild.marker_paths(dest)[0]
-        module.fail_json(msg=f"a previous build with the same inputs failed ({marker_path}): {marker.get('message')};"
-                             " not retrying until the inputs change or force=true", **result)
+        kind = marker.get("kind") or "build"
+        result.update(build_log=marker.get("log"), duration=round(time.monotonic() - started, 3),
+                      reason="known failure: " + kmodbuild.FAILURE_TEXT.get(kind, kind),
+                      failure=dict(kind=kind, remembered=True, errors=marker.get("errors") or [],
+                                   marker=kmodbuild.marker_paths(dest)[0], known=True))
+        module.fail_json(msg=kmodbuild.known_failure_message(dest, marker), **result)
 
     before = kmodbuild.summary(existing)
     after = {"kernel_release": resolved.kernel_release, "driver": resolved.driver,
@@ -533,18 +565,24 @@ def main() -> None:
         result["reason"] = f"would build: {why}"
         module.exit_json(**result)
 
+    swept_lines: list = []
+    result["swept"] = swept_lines
     try:
-        out = kmodbuild.run_build(resolved, log=module.log)
+        out = kmodbuild.run_build(resolved, log=module.log, swept=swept_lines)
     except kmodbuild.BuildError as exc:
-        result["changed"] = False
-        result["build_log"] = exc.log_path
+        result.update(changed=False, build_log=exc.log_path, duration=round(time.monotonic() - started, 3),
+                      reason=kmodbuild.failure_reason(exc),
+                      failure=dict(kind=exc.kind, remembered=exc.remembered, errors=exc.errors, marker=exc.marker,
+                                   known=False))
         tail = exc.log_tail.strip()[-3000:]
         module.fail_json(msg=f"{exc.msg}\n--- end of the build log ---\n{tail}" if tail else exc.msg, **result)
     except kmodbuild.InputError as exc:
-        result["changed"] = False
+        result.update(changed=False, duration=round(time.monotonic() - started, 3), reason=f"bad input: {exc}")
         module.fail_json(msg=str(exc), **result)
     except Exception as exc:
-        result["changed"] = False
+        result.update(changed=False, duration=round(time.monotonic() - started, 3),
+                      reason=f"build failed: {type(exc).__name__} (not remembered)",
+                      failure=dict(kind="error", remembered=False, errors=[], marker=None, known=False))
         module.fail_json(msg=f"build failed: {exc}", exception=traceback.format_exc(), **result)
     manifest = out.manifest or {}
     result["changed"] = out.changed

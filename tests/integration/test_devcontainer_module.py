@@ -7,12 +7,16 @@ import json
 import os
 import shutil
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from sim import ansible_run
+from sim import ansible_run, faults
 from sim.kit import Kit, ReleaseServer
+from sim.signing import ExpiredKeySet
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "modulus.kmods.coreos_devcontainer"
@@ -286,3 +290,127 @@ def test_legacy_coreos_host_gets_the_coreos_image(kit: Kit, release_server: Rele
     assert res["url"].endswith(f"/{current.version}/coreos_developer_container.bin.bz2")
     assert res["image_path"].endswith(f"/{current.version}/coreos_developer_container.bin")
     assert (res["release_version"], res["kernel_release"]) == (current.version, current.kernel)
+
+
+# ------------------------------------------------------------------ a failed fetch never touches a verified entry
+
+
+def entry_snapshot(directory: Path) -> dict[str, tuple[int, int, int, str]]:
+    """(inode, size, mtime_ns, sha256) of every file of a cache entry."""
+    out = {}
+    for path in sorted(directory.iterdir()):
+        st = path.stat()
+        digest = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+        out[path.name] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def test_wrong_key_run_keeps_the_verified_entry_then_an_offline_run_uses_it(kit: Kit, release_server: ReleaseServer,
+                                                                           host_root_factory, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    root = host_root_factory()
+    good = base_args(kit, release_server, root, cache, release="current")
+    assert not run_module(good).get("failed")
+    entry = cache / "amd64-usr" / kit.releases["current"].version
+    before = entry_snapshot(entry)
+    wrong = dict(good, verify_key=str(kit.other_key.public_armored), verify_fingerprint=[kit.other_key.fingerprint])
+    res = run_module(wrong)
+    assert res.get("failed") is True and "not in verify_key" in res["msg"]
+    assert entry_snapshot(entry) == before  # image and metadata.json, byte for byte (and the same inodes)
+    assert sorted(p.name for p in (cache / "amd64-usr").iterdir()) == [entry.name]
+    release_server.reset()
+    offline = dict(good, url_template="http://127.0.0.1:9/nothing/{version}", fallback_url_template="")
+    res = run_module(offline)
+    assert not res.get("failed"), res.get("msg")
+    assert res["cached"] is True and res["changed"] is False and release_server.hits == []
+    assert entry_snapshot(entry) == before
+
+
+# ------------------------------------------------------------------ key refresh through key_url
+
+
+@pytest.fixture(scope="module")
+def expired_signed(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExpiredKeySet, Path, Path, dict[str, Path]]:
+    """A copy of the current release's image signed (700 days ago) by a key whose signing subkey has expired
+    since, the key as first published, its refreshed copy and an impostor's key (another primary)."""
+    base = tmp_path_factory.mktemp("expired-key")
+    ks = ExpiredKeySet(base / "keys")
+    copy = base / NAME
+    shutil.copyfile(kit.releases["current"].image_bz2, copy)  # never touch the kit cache
+    sig = ks.sign(copy, base / (NAME + ".sig"))
+    ks.refresh()
+    return ks, copy, sig, ks.write()
+
+
+def expired_args(kit: Kit, server: ReleaseServer, signed, host_root: Path, cache: Path, key: str | None) -> dict:
+    ks, copy, sig, keys = signed
+    version = kit.releases["current"].version
+    server.add_file(f"/expired/{version}/{NAME}", copy)
+    server.add_file(f"/expired/{version}/{NAME}.sig", sig.read_bytes())
+    args = base_args(kit, server, host_root, cache, release="current", verify_key=str(keys["expired"]),
+                     verify_fingerprint=[ks.fingerprint], url_template=server.base_url + "/expired/{version}",
+                     fallback_url_template="")
+    if key is None:
+        args["key_url"] = ""
+    else:
+        args["key_url"] = server.add_file(f"/keys/{key}.asc", keys[key].read_bytes())
+    return args
+
+
+def test_expired_signing_subkey_is_refreshed_from_key_url(kit: Kit, release_server: ReleaseServer, host_root_factory,
+                                                          tmp_path: Path, expired_signed) -> None:
+    ks = expired_signed[0]
+    cache = tmp_path / "cache"
+    args = expired_args(kit, release_server, expired_signed, host_root_factory(), cache, "refreshed")
+    res, out = ansible_run.run_module(MODULE, args)
+    assert not res.get("failed"), res.get("msg")
+    assert res["changed"] is True and res["signing_fingerprint"] == ks.fingerprint
+    assert res["key_refresh"]["url"] == args["key_url"] and res["key_refresh"]["fingerprints"] == [ks.fingerprint]
+    assert "expired on" in res["key_refresh"]["reason"]
+    assert res["key_refresh"]["cached_keys"] == [str(cache / "keys" / f"{ks.fingerprint}.asc")]
+    assert "[WARNING]" in out and "fetched a current copy of the key from key_url" in " ".join(out.split())
+    assert res["key_expires"] > time.strftime("%Y-%m-%d", time.gmtime(time.time() + 300 * 86400))
+    assert release_server.hits.count("/keys/refreshed.asc") == 1
+    assert Path(res["image_path"]).stat().st_size == kit.releases["current"].image_raw.stat().st_size
+    # the refreshed key is cached: the entry is hit without any request, and a refetch would not fetch the key
+    release_server.reset()
+    again = run_module(expired_args(kit, release_server, expired_signed, host_root_factory(), cache, "refreshed"))
+    assert again["cached"] is True and release_server.hits == [] and "key_refresh" not in again
+    assert [a for a in faults.gpg_agents() if str(tmp_path) in a.cmdline] == []
+
+
+def test_refreshed_key_of_another_primary_is_refused(kit: Kit, release_server: ReleaseServer, host_root_factory,
+                                                     tmp_path: Path, expired_signed) -> None:
+    ks = expired_signed[0]
+    cache = tmp_path / "cache"
+    res = run_module(expired_args(kit, release_server, expired_signed, host_root_factory(), cache, "impostor"))
+    assert res.get("failed") is True
+    assert "EXPKEYSIG" in res["msg"] and "refused" in res["msg"]
+    assert ks.impostor.fingerprint in res["msg"] and f"not the pinned {ks.fingerprint}" in res["msg"]
+    assert not any(h.endswith(".bz2") for h in release_server.hits)
+    assert not (cache / "keys").exists() and not (cache / "amd64-usr" / kit.releases["current"].version).exists()
+
+
+def test_expired_signing_subkey_with_key_url_disabled_fails_naming_the_option(
+        kit: Kit, release_server: ReleaseServer, host_root_factory, tmp_path: Path, expired_signed) -> None:
+    res = run_module(expired_args(kit, release_server, expired_signed, host_root_factory(), tmp_path / "cache", None))
+    assert res.get("failed") is True
+    assert "EXPKEYSIG" in res["msg"] and "key_url is empty" in res["msg"] and "set key_url" in res["msg"]
+    assert not any(h.endswith(".bz2") or h.startswith("/keys/") for h in release_server.hits)
+
+
+def test_release_server_serves_added_files(release_server: ReleaseServer, tmp_path: Path) -> None:
+    url = release_server.add_file("/extra/data.bin", b"0123456789")
+    path = tmp_path / "file.txt"
+    path.write_text("from a file\n")
+    file_url = release_server.add_file("/extra/file.txt", path)
+    assert urllib.request.urlopen(url).read() == b"0123456789"
+    req = urllib.request.Request(url, headers={"Range": "bytes=2-4"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.status == 206 and resp.read() == b"234"
+    assert urllib.request.urlopen(file_url).read() == b"from a file\n"
+    with pytest.raises(ValueError):
+        release_server.add_file("relative", b"x")
+    release_server.reset()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url)

@@ -89,8 +89,11 @@ def test_s3_legacy_archive_is_imported(endpoint: str, tmp_path: Path) -> None:
     files = make_legacy_archive(legacy, with_dot=True)
     client(endpoint).upload_file(str(legacy), bucket, "fleet/9001.1.0-stable-nvidia-535.261.03.tar.gz")
     dest = tmp_path / "dest"
+    # the original tool's archives are imported only when asked for (legacy: true)
     res, out = run(dict(s3_args(endpoint, bucket), state="fetched", dest=str(dest), **NAMING))
-    assert res["changed"] and res["legacy"], out
+    assert res["failed"] and "has no archive" in res["msg"] and not dest.exists(), out
+    res, out = run(dict(s3_args(endpoint, bucket), state="fetched", dest=str(dest), legacy=True, **NAMING))
+    assert res["changed"] and res["legacy"] and res["authenticated"] is False, out
     manifest = manifest_of(dest)
     assert manifest["imported"] == "legacy" and set(manifest["files"]) == set(files)
     # the imported tree can be pushed in the new layout

@@ -187,11 +187,83 @@ def test_compile_error_reports_log_tail_and_marker(kit: Kit, tmp_path: Path) -> 
     assert "error:" in res["msg"]  # the compiler's message is in the tail
     assert Path(res["build_log"]).is_file() and "this is wrong" in Path(res["build_log"]).read_text()
     assert not dest.exists() and leftovers(tmp_path) == []
+    # the failed run says what failed and how long it ran; the failure is remembered
+    assert res["duration"] > 1.0 and "compile error" in res["reason"] and "remembered in" in res["reason"], res
+    failure = res["failure"]
+    assert failure["kind"] == "compile" and failure["remembered"] is True and failure["known"] is False
+    first = failure["errors"][0]
+    assert "error:" in first and "modulus_hello.c" in first, failure
+    assert "first errors:" in res["msg"] and first in res["msg"]
+    marker = json.loads((tmp_path / "out.failed.json").read_text())
+    assert marker["kind"] == "compile" and marker["errors"] == failure["errors"]
+    # the same inputs again: fail fast, quoting the compiler's first errors and naming the log
+    started = time.monotonic()
+    again, text = run_module(hello_args(rel, dest, source=str(src)))
+    assert again.get("failed") is True and time.monotonic() - started < 20, text
+    assert "a previous build with the same inputs failed" in again["msg"] and "compile error" in again["msg"]
+    assert "first errors:" in again["msg"] and first in again["msg"]
+    assert f"build log: {tmp_path / 'out.failed.log'}" in again["msg"]
+    assert again["reason"].startswith("known failure: compile error") and again["failure"]["known"] is True
+    assert 0 < again["duration"] < 20
     # fixing the source changes the inputs: the marker no longer blocks
     shutil.copy(HELLO / "modulus_hello.c", src / "modulus_hello.c")
     res, text = run_module(hello_args(rel, dest, source=str(src)))
     assert res["changed"] is True, text
     assert not (tmp_path / "out.failed.json").exists()
+
+
+@pytest.fixture
+def flaky_http(tmp_path: Path):
+    """HTTP on 127.0.0.1 serving a directory; answers 503 while ``state["down"]`` is true."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "flaky"
+    root.mkdir()
+    state = {"down": True, "hits": 0}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            state["hits"] += 1
+            if state["down"]:
+                self.send_error(503, "Service Unavailable")
+                return
+            super().do_GET()
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield root, f"http://127.0.0.1:{srv.server_address[1]}", state
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_transient_download_failure_is_not_remembered(kit: Kit, tmp_path: Path, flaky_http) -> None:
+    """A source server answering 503 fails the run, but the next run (no force) tries again."""
+    rel = kit.releases["pending"]
+    www, base, state = flaky_http
+    tarball = www / "modulus-hello-1.0.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(HELLO.parent), "--transform", "s,^hello,modulus-hello-1.0,",
+                    "hello"], check=True)
+    dest = tmp_path / "out"
+    args = hello_args(rel, dest, source=f"{base}/{tarball.name}", checksum=fsutil.sha256_file(str(tarball)))
+    res, text = run_module(args)
+    assert res.get("failed") is True and "503" in res["msg"], text
+    assert state["hits"] >= 2  # retried before giving up
+    assert res["failure"]["kind"] == "download" and res["failure"]["remembered"] is False, res
+    assert "download failed" in res["reason"] and "not remembered" in res["reason"] and res["duration"] > 0
+    assert not (tmp_path / "out.failed.json").exists() and not dest.exists() and leftovers(tmp_path) == []
+    # the server is back: the same inputs build without force
+    state["down"] = False
+    res, text = run_module(args)
+    assert res["changed"] is True and not res.get("failed"), text
+    assert (dest / "lib" / "modules" / rel.kernel / "modulus_hello.ko").is_file()
 
 
 def test_bad_input_is_named_and_nothing_is_written(kit: Kit, tmp_path: Path) -> None:

@@ -790,6 +790,7 @@ class ReleaseServer:
         self._channel_versions = channel_versions
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
+        self._extra: dict[str, bytes | Path] = {}  # add_file(): URL path -> content or file
         self.hits: list[str] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self._httpd: Optional[ThreadingHTTPServer] = None
@@ -862,10 +863,30 @@ class ReleaseServer:
             self._faults.append(f)
         return f
 
+    # extra files
+    def add_file(self, url_path: str, data: bytes | Path) -> str:
+        """Serve ``data`` (bytes, or the file at that Path, read when requested) at ``url_path``
+        (e.g. ``/keys/refreshed.asc``), with HEAD, Range and the faults like every file; ``reset()``
+        removes it. Returns its full URL."""
+        if not url_path.startswith("/") or "?" in url_path:
+            raise ValueError(f"url_path {url_path!r} must be an absolute URL path without a query")
+        with self._lock:
+            self._extra[url_path] = data if isinstance(data, Path) else bytes(data)
+        return self.base_url + url_path
+
+    def remove_file(self, url_path: str) -> None:
+        with self._lock:
+            self._extra.pop(url_path, None)
+
+    def _extra_file(self, path: str) -> bytes | Path | None:
+        with self._lock:
+            return self._extra.get(path)
+
     def reset(self) -> None:
-        """Forget every fault and every recorded hit."""
+        """Forget every fault, every recorded hit and every file added with add_file()."""
         with self._lock:
             self._faults.clear()
+            self._extra.clear()
             self.hits.clear()
             self.requests.clear()
 
@@ -969,12 +990,23 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
                 server._record(method, path, fault.status)
                 self._empty(fault.status)
                 return
-            target = server.resolve(path)
+            extra = server._extra_file(path)
+            if isinstance(extra, bytes):
+                ctype = "text/plain" if path.endswith((".txt", ".asc")) else "application/octet-stream"
+                self._send(method, path, body, fault, extra, None, ctype, None)
+                return
+            target = extra if extra is not None else server.resolve(path)
             if target is None or not target.is_file():
                 server._record(method, path, 404)
                 self._empty(HTTPStatus.NOT_FOUND)
                 return
-            size = target.stat().st_size
+            ctype = "text/plain" if target.name.endswith((".txt", ".DIGESTS", ".asc")) else "application/octet-stream"
+            self._send(method, path, body, fault, None, target, ctype, int(target.stat().st_mtime))
+
+        def _send(self, method: str, path: str, body: bool, fault: Optional[_Fault], data: bytes | None,
+                  target: Path | None, ctype: str, mtime: int | None) -> None:
+            """Answer with ``data`` or the file ``target`` (Range, Content-Length, a cut fault)."""
+            size = len(data) if data is not None else target.stat().st_size
             start, end, status = 0, size - 1, 200
             rng = self.headers.get("Range")
             if rng:
@@ -991,11 +1023,11 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
             length = end - start + 1 if size else 0
             server._record(method, path, status)
             self.send_response(status)
-            ctype = "text/plain" if target.name.endswith((".txt", ".DIGESTS", ".asc")) else "application/octet-stream"
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Last-Modified", self.date_time_string(int(target.stat().st_mtime)))
+            if mtime is not None:
+                self.send_header("Last-Modified", self.date_time_string(mtime))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
@@ -1004,7 +1036,10 @@ def _make_handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
             limit = length if fault is None else min(length, fault.nbytes)
             try:
                 self.wfile.flush()
-                if limit > 0:
+                if limit > 0 and data is not None:
+                    self.wfile.write(data[start:start + limit])
+                    self.wfile.flush()
+                elif limit > 0:
                     with open(target, "rb") as fh:  # zero-copy: leave the CPU to the client under test
                         self.connection.sendfile(fh, start, limit)
             except (BrokenPipeError, ConnectionResetError):

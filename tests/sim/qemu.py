@@ -258,3 +258,123 @@ def boot_and_load(kver: str, modules: list[Path], timeout: float = 180.0,
     results, loaded, booted = parse_console(console)
     return BootResult(kernel_release=kver, results=results, loaded=loaded, console=console,
                       duration=time.monotonic() - started, booted=booted and END in console, dependencies=deps)
+
+
+# --------------------------------------------------------------------------- running a script in the guest
+# (added for kmod_install: the boot loader script and a sysext image's content, tried in the real kernel)
+
+SCRIPT_BEGIN = "MODULUS-SCRIPT-BEGIN"
+SCRIPT_END = "MODULUS-SCRIPT-END"
+_SCRIPT_RC_RE = re.compile(r"MODULUS-SCRIPT-RC=(\d+)")
+
+
+@dataclass
+class ScriptResult:
+    kernel_release: str
+    output: str  # what the script printed (stdout and stderr), between the markers
+    rc: int | None  # the script's exit status (None when it never finished)
+    loaded: list[str]  # /proc/modules after the script
+    console: str
+    duration: float
+    booted: bool
+    kernel_modules: list[str] = field(default_factory=list)  # the kernel's own modules loaded before the script
+
+
+def _copy_into(root: Path, guest_path: str, src: Path) -> None:
+    dest = root / guest_path.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, dest, follow_symlinks=False)
+
+
+def build_script_initramfs(out: Path, script: str, files: dict[str, Path], kroot: Path, kver: str,
+                           kernel_modules: list[str]) -> list[str]:
+    """An initramfs whose /init installs every busybox applet in /bin, mounts /proc, /sys, /dev and a
+    tmpfs on /run, insmods ``kernel_modules`` (the kernel's own, with their dependencies, in order),
+    then runs ``script`` with busybox sh and prints its output between markers. ``files`` maps guest
+    paths to host files or directories (copied with their symlinks). Returns the kernel modules loaded."""
+    if not os.path.isfile(BUSYBOX):
+        raise RuntimeError(f"{BUSYBOX} is missing (Debian package busybox-static)")
+    moddir = kroot / "lib" / "modules" / kver
+    depmap = parse_modules_dep((moddir / "modules.dep").read_text())
+    deps = dependency_order(kernel_modules, depmap) if kernel_modules else []
+    with tempfile.TemporaryDirectory(prefix="initramfs-") as td:
+        root = Path(td)
+        for d in ("bin", "dev", "proc", "sys", "run", "tmp", "d", "mnt"):
+            (root / d).mkdir()
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        os.symlink("busybox", root / "bin" / "sh")
+        os.mknod(root / "dev" / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+        for guest, src in files.items():
+            _copy_into(root, guest, Path(src))
+        lines = ["#!/bin/sh", "/bin/busybox --install -s /bin", "export PATH=/bin",
+                 "mount -t proc proc /proc", "mount -t sysfs sys /sys", "mount -t devtmpfs dev /dev 2>/dev/null",
+                 "mount -t tmpfs run /run", "echo 4 > /proc/sys/kernel/printk", f"echo {START}"]
+        for i, dep in enumerate(deps):
+            rel = depmap[dep][0]
+            dest = root / "d" / f"{i:03d}-{os.path.basename(rel)}"
+            if rel.endswith((".xz", ".zst")):
+                tool = ["xz", "-dc"] if rel.endswith(".xz") else ["zstd", "-qdc"]
+                dest = dest.with_suffix("")
+                with open(dest, "wb") as fh:
+                    subprocess.run([*tool, str(moddir / rel)], stdout=fh, check=True)
+            else:
+                shutil.copyfile(moddir / rel, dest)
+            lines.append(_load_line(dep, "/d/" + dest.name, "dep"))
+        (root / "script").write_text(script)
+        lines += [f"echo {SCRIPT_BEGIN}", "sh /script 2>&1; echo MODULUS-SCRIPT-RC=$?", f"echo {SCRIPT_END}",
+                  'echo "MODULES-BEGIN"', "cat /proc/modules", 'echo "MODULES-END"', f"echo {END}",
+                  "reboot -f", "sleep 30"]
+        init = root / "init"
+        init.write_text("\n".join(lines) + "\n")
+        os.chmod(init, 0o755)
+        files_list = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
+                                    stdout=subprocess.PIPE).stdout
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, input=files_list,
+                              check=True, stdout=subprocess.PIPE).stdout
+    with gzip.open(out, "wb", compresslevel=1) as f:
+        f.write(cpio)
+    return deps
+
+
+def boot_and_run(kver: str, script: str, files: dict[str, Path] | None = None, kernel_modules: list[str] | None = None,
+                 timeout: float = 240.0, cache_dir: str | os.PathLike[str] | None = None,
+                 memory_mb: int = 1024) -> ScriptResult:
+    """Boot Debian's kernel ``kver`` under QEMU with ``files`` in the initramfs, load the kernel's own
+    ``kernel_modules`` (e.g. ``loop``, ``squashfs``, ``overlay``), run ``script`` with busybox sh as
+    root and return what it printed, its exit status and ``/proc/modules`` afterwards."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        raise RuntimeError("qemu-system-x86_64 is missing (Debian package qemu-system-x86)")
+    kroot = kernel_dir(kver, cache_dir)
+    with tempfile.TemporaryDirectory(prefix="qemu-") as td:
+        initrd = Path(td) / "initrd.gz"
+        deps = build_script_initramfs(initrd, script, dict(files or {}), kroot, kver, list(kernel_modules or []))
+        cmd = [qemu, "-m", str(memory_mb), "-nographic", "-no-reboot", "-kernel", str(kroot / "boot" / f"vmlinuz-{kver}"),
+               "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1 loglevel=4"]
+        if os.environ.get("MODULUS_QEMU_KVM") == "1" and os.access("/dev/kvm", os.W_OK):
+            cmd[1:1] = ["-enable-kvm"]
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise RuntimeError(f"QEMU did not finish within {timeout:.0f} s; console tail:\n"
+                               f"{out.decode('utf-8', 'replace')[-3000:]}") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    console = out.decode("utf-8", "replace").replace("\r", "")
+    _results, loaded, booted = parse_console(console)
+    body = console.split(SCRIPT_BEGIN + "\n", 1)[1].split(SCRIPT_END, 1)[0] if SCRIPT_BEGIN + "\n" in console else ""
+    match = _SCRIPT_RC_RE.search(body)
+    output = _SCRIPT_RC_RE.sub("", body).strip()
+    return ScriptResult(kernel_release=kver, output=output, rc=int(match.group(1)) if match else None, loaded=loaded,
+                        console=console, duration=time.monotonic() - started, booted=booted and END in console,
+                        kernel_modules=deps)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,16 @@ from ansible_collections.modulus.kmods.plugins.module_utils import lease as ls
 from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
 from ansible_collections.modulus.kmods.plugins.module_utils.identity import identity_from_manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import FileStore, StoreError, open_store
-from sim.kmod_archive_fixtures import IDENT, make_build, make_legacy_archive, manifest_of
+from sim.kmod_archive_fixtures import (
+    IDENT,
+    make_build,
+    make_ko,
+    make_legacy_archive,
+    make_ssh_key,
+    manifest_of,
+    rewrite_manifest,
+    ssh_fingerprint,
+)
 
 IDENTITY = identity_from_manifest(IDENT)
 KEY = "flatcar/amd64-usr/9001.1.0/6.1.0-47-amd64/nvidia/535.261.03/proprietary-unsigned.tar.gz"
@@ -235,23 +245,44 @@ def test_replaced_object_is_refused_and_dest_kept(build: Path, store: FileStore,
 def test_legacy_archive_is_imported(store: FileStore, tmp_path: Path) -> None:
     legacy = Path(store.root, "9001.1.0-stable-nvidia-535.261.03.tar.gz")
     files = make_legacy_archive(legacy)
-    q = ops.query(store, IDENTITY, "stable")
+    # the original tool's layout is looked at only with legacy=True (the default is off)
+    assert not ops.query(store, IDENTITY, "stable")["exists"]
+    with pytest.raises(StoreError, match="has no archive"):
+        ops.pull(str(tmp_path / "no-legacy"), store, IDENTITY, "stable")
+    q = ops.query(store, IDENTITY, "stable", legacy=True)
     assert q["exists"] and q["legacy"] and q["key"] == legacy.name
     dest = tmp_path / "dest"
-    res = ops.pull(str(dest), store, IDENTITY, "stable")
-    assert res["changed"] and res["legacy"]
+    res = ops.pull(str(dest), store, IDENTITY, "stable", legacy=True)
+    assert res["changed"] and res["legacy"] and res["authenticated"] is False
     manifest = manifest_of(dest)
     assert manifest["imported"] == "legacy" and manifest["kernel_release"] == "6.1.0-47-amd64"
     assert set(manifest["files"]) == set(files)
-    assert {m["name"] for m in manifest["modules"]} == {"nvidia", "nvidia-uvm"}
+    assert {m["name"] for m in manifest["modules"]} == {"nvidia", "nvidia_uvm"}
     assert manifest["modules"][0]["vermagic"].startswith("6.1.0-47-amd64")
     assert (dest / "bin/nvidia-smi").read_bytes() == files["bin/nvidia-smi"]
     requests = store.requests
-    assert not ops.pull(str(dest), store, IDENTITY, "stable")["changed"]
+    assert not ops.pull(str(dest), store, IDENTITY, "stable", legacy=True)["changed"]
     assert store.requests - requests == 1
     # a legacy archive for another kernel is refused
     with pytest.raises(ar.ArchiveError, match="not kernel_release"):
-        ops.pull(str(tmp_path / "d2"), store, dict(IDENTITY, kernel_release="6.1.0-50-amd64"), "stable")
+        ops.pull(str(tmp_path / "d2"), store, dict(IDENTITY, kernel_release="6.1.0-50-amd64"), "stable", legacy=True)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"raw_members": {"/etc/cron.d/evil": b"* * * * * root sh\n"}}, "absolute or leaves the archive"),
+    ({"raw_members": {"nvidia/../../evil": b"x"}}, "absolute or leaves the archive"),
+    ({"extra": {"lib/modules/6.1.0-47-amd64/nvidia.ko": b"not an ELF file at all"}}, "not an ELF kernel module"),
+    ({"extra": {"lib/modules/6.1.0-47-amd64/nvidia.ko": make_ko("nvidia", "6.1.0-50-amd64")}},
+     "vermagic '6.1.0-50-amd64 .*' does not name kernel 6.1.0-47-amd64"),
+    ({"extra": {"lib/modules/6.1.0-50-amd64/nvidia.ko": make_ko("nvidia", "6.1.0-50-amd64")}},
+     "other kernel\\(s\\) 6.1.0-50-amd64"),
+])
+def test_legacy_import_refusals(store: FileStore, tmp_path: Path, kwargs: dict, pattern: str) -> None:
+    make_legacy_archive(Path(store.root, "9001.1.0-stable-nvidia-535.261.03.tar.gz"), **kwargs)
+    dest = tmp_path / "dest"
+    with pytest.raises(ar.ArchiveError, match=pattern):
+        ops.pull(str(dest), store, IDENTITY, "stable", legacy=True)
+    assert not dest.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_no_store_keeps_everything_local(build: Path, tmp_path: Path) -> None:
@@ -409,7 +440,8 @@ def test_pull_replaces_another_build_atomically(store: FileStore, tmp_path: Path
     assert res["changed"] and res["diff"]["before"]["key"] == KEY
     assert manifest_of(dest)["kernel_release"] == "6.1.0-50-amd64"
     assert not (dest / "lib/modules/6.1.0-47-amd64").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "dest", "store"]
+    # the lock files (<dir>.lock, as kmod_build keeps them) stay; no workspace nor old tree does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.lock", "b", "b.lock", "dest", "dest.lock", "store"]
 
 
 def test_lock_check_mode_predicts_without_touching(store: FileStore) -> None:
@@ -431,3 +463,156 @@ def test_build_without_module_type_is_stored_as_default(tmp_path: Path) -> None:
     ident = identity_from_manifest(manifest_of(generic))
     assert ident["module_type"] == "default"
     assert ar.archive_key(ident).endswith("/modulus-hello/1.0/default-unsigned.tar.gz")
+
+
+# ----------------------------------------------------------------------------- signatures and trust
+
+@pytest.fixture(scope="module")
+def fleet_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    keys = tmp_path_factory.mktemp("keys")
+    return {name: make_ssh_key(keys, name) for name in ("fleet", "other")}
+
+
+def test_signed_push_and_trusted_pull(build: Path, store: FileStore, tmp_path: Path,
+                                      fleet_keys: dict[str, tuple[Path, str]]) -> None:
+    key, pub = fleet_keys["fleet"]
+    pushed = ops.push(str(build), store, {}, signing_key=str(key))
+    assert pushed["changed"] and pushed["signed"] and pushed["signer_key"] == ssh_fingerprint(pub)
+    sig = Path(store.root, *KEY.split("/")).with_name(Path(KEY).name + ".sig").read_text()
+    assert sig.startswith("-----BEGIN SSH SIGNATURE-----")
+    assert manifest_of(build)["archive"]["signature"].strip() == sig.strip()
+    # signed again only when needed: HEAD + GET of the signature
+    requests = store.requests
+    again = ops.push(str(build), store, {}, signing_key=str(key))
+    assert not again["changed"] and again["signed"] and store.requests - requests == 2
+    # trusted pull: by key text and by file path
+    dest = tmp_path / "dest"
+    pulled = ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[pub])
+    assert pulled["changed"] and pulled["authenticated"] and pulled["signer_key"] == ssh_fingerprint(pub)
+    assert manifest_of(dest)["archive"]["signer_key"] == ssh_fingerprint(pub)
+    requests = store.requests
+    noop = ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[str(key) + ".pub"])
+    assert not noop["changed"] and noop["authenticated"] and store.requests - requests == 1  # the local record verifies
+    plain = ops.pull(str(dest), store, IDENTITY, "stable")
+    assert not plain["changed"] and plain["authenticated"] is False and plain["signed"] is None
+    # a key that did not sign it
+    with pytest.raises(ar.SignatureError, match="does not verify"):
+        ops.pull(str(tmp_path / "d2"), store, IDENTITY, "stable", trusted_keys=[fleet_keys["other"][1]])
+    with pytest.raises(ar.SignatureError, match="does not verify"):
+        ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[fleet_keys["other"][1]])
+    assert not (tmp_path / "d2").exists() and manifest_of(dest)["archive"]["signer_key"] == ssh_fingerprint(pub)
+    # deleting the build deletes its signature too
+    ops.remove(store, IDENTITY)
+    assert not any(p.name.endswith(".sig") for p in Path(store.root).rglob("*"))
+
+
+def test_unsigned_and_forged_builds_are_refused_with_trusted_keys(
+        build: Path, store: FileStore, tmp_path: Path, fleet_keys: dict[str, tuple[Path, str]]) -> None:
+    key, pub = fleet_keys["fleet"]
+    ops.push(str(build), store, {})
+    with pytest.raises(ar.SignatureError, match="is not signed"):
+        ops.pull(str(tmp_path / "d1"), store, IDENTITY, "stable", trusted_keys=[pub])
+    # a planted, self-consistent archive (rewritten manifest, matching metadata) beside the real signature
+    ops.push(str(build), store, {}, signing_key=str(key))
+    forged = tmp_path / "forged"
+    shutil.copytree(build, forged, symlinks=True)
+    (forged / "lib/modules/6.1.0-47-amd64/nvidia.ko").write_bytes(b"#!/bin/sh\nnot a module\n")
+    manifest = rewrite_manifest(forged)
+    sha, size = ar.pack_tree(str(forged), manifest, str(tmp_path / "forged.tar.gz"))
+    store.upload(str(tmp_path / "forged.tar.gz"), KEY, sha, mf.manifest_sha256(manifest), size)
+    dest = tmp_path / "dest"
+    with pytest.raises(ar.SignatureError, match="does not verify"):
+        ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[pub])
+    # without trusted keys the module check still refuses the non-ELF module
+    with pytest.raises(ar.ArchiveError, match="nvidia.ko: not an ELF kernel module"):
+        ops.pull(str(dest), store, IDENTITY, "stable")
+    assert not dest.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_manifest_sha256_metadata_must_name_the_packed_manifest(build: Path, store: FileStore, tmp_path: Path) -> None:
+    pushed = ops.push(str(build), store, {})
+    sidecar = Path(store.root, *KEY.split("/")).with_name(Path(KEY).name + ".json")
+    meta = json.loads(sidecar.read_text())
+    meta["manifest_sha256"] = "e" * 64
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ar.ArchiveError, match="manifest-sha256 metadata says e{64}"):
+        ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable")
+    assert not (tmp_path / "dest").exists() and pushed["sha256"] == meta["sha256"]
+
+
+def test_module_vermagic_must_name_the_kernel(build: Path, store: FileStore, tmp_path: Path) -> None:
+    (build / "lib/modules/6.1.0-47-amd64/nvidia.ko").write_bytes(make_ko("nvidia", "6.1.0-50-amd64"))
+    rewrite_manifest(build)
+    ops.push(str(build), store, {})
+    with pytest.raises(ar.ArchiveError, match="vermagic '6.1.0-50-amd64 .*' does not name kernel 6.1.0-47-amd64"):
+        ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable")
+
+
+def test_unsigned_local_build_is_authenticated_by_the_store_signature(build: Path, store: FileStore, tmp_path: Path,
+                                                                      fleet_keys: dict[str, tuple[Path, str]]) -> None:
+    key, pub = fleet_keys["fleet"]
+    ops.push(str(build), store, {})
+    dest = tmp_path / "dest"
+    assert ops.pull(str(dest), store, IDENTITY, "stable")["authenticated"] is False
+    with pytest.raises(ar.SignatureError, match="is not signed"):
+        ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[pub])
+    ops.push(str(build), store, {}, signing_key=str(key))  # signs the stored build, uploads nothing else
+    requests = store.requests
+    res = ops.pull(str(dest), store, IDENTITY, "stable", trusted_keys=[pub])
+    assert not res["changed"] and res["authenticated"] and store.requests - requests == 2  # HEAD + GET .sig
+    assert manifest_of(dest)["archive"]["signer_key"] == ssh_fingerprint(pub)
+
+
+def test_legacy_archive_is_refused_with_trusted_keys(store: FileStore, tmp_path: Path,
+                                                     fleet_keys: dict[str, tuple[Path, str]]) -> None:
+    make_legacy_archive(Path(store.root, "9001.1.0-stable-nvidia-535.261.03.tar.gz"))
+    with pytest.raises(ar.SignatureError, match="carries no signature"):
+        ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable", legacy=True, trusted_keys=[fleet_keys["fleet"][1]])
+
+
+@pytest.mark.parametrize("entry,pattern", [
+    ("not a key", "not an OpenSSH public key"),
+    ("ssh-ed25519 !!!notbase64", "not valid base64"),
+    ("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIHB1epj72kAd84enbyWAz117yFOtKbndPI5lJvUhhgjo", "does not match its type"),
+    ('cert-authority ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHB1epj72kAd84enbyWAz117yFOtKbndPI5lJvUhhgjo',
+     "certificate authorities"),
+    ("/nonexistent/keys.pub", "cannot read /nonexistent/keys.pub"),
+    ("# only a comment", "holds no public key"),
+])
+def test_trusted_keys_are_checked(entry: str, pattern: str) -> None:
+    with pytest.raises(ar.ArchiveError, match=pattern):
+        ar.load_trusted_keys([entry])
+
+
+def test_trusted_keys_accept_allowed_signers_and_authorized_keys_lines(fleet_keys: dict[str, tuple[Path, str]]) -> None:
+    pub = fleet_keys["fleet"][1]
+    keys = ar.load_trusted_keys([f'someone@example.com namespaces="git" {pub}', f"from=\"10.0.0.1\" {pub}", pub])
+    assert [k.fingerprint for k in keys] == [ssh_fingerprint(pub)]
+    assert keys[0].allowed_signers_line().startswith('modulus-build namespaces="modulus-build" ssh-ed25519 ')
+
+
+def test_missing_ssh_keygen_is_a_clear_error(build: Path, store: FileStore, tmp_path: Path,
+                                             fleet_keys: dict[str, tuple[Path, str]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ar, "which", lambda _name: None)
+    with pytest.raises(ar.ArchiveError, match="need ssh-keygen"):
+        ops.push(str(build), store, {}, signing_key=str(fleet_keys["fleet"][0]))
+    with pytest.raises(ar.ArchiveError, match="need ssh-keygen"):
+        ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable", trusted_keys=[fleet_keys["fleet"][1]])
+    assert store.requests == 0
+
+
+def test_pull_sweeps_what_a_killed_run_left(build: Path, store: FileStore, tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ops.push(str(build), store, {})
+    left = [tmp_path / f".dest.pull-{dead.pid}-abc", tmp_path / f".dest.build-{dead.pid}-def"]
+    for path in left:
+        (path / "tree").mkdir(parents=True)
+    (tmp_path / f".dest.failed.json.tmp-{dead.pid}-xyz").write_text("{")
+    mine = tmp_path / f".dest.pull-{os.getpid()}-alive"
+    mine.mkdir()
+    res = ops.pull(str(tmp_path / "dest"), store, IDENTITY, "stable")
+    assert res["changed"] and len(res["swept"]) == 3 and all("removed leftover" in line for line in res["swept"])
+    assert not any(p.exists() for p in left) and mine.exists()
+    assert not (tmp_path / f".dest.failed.json.tmp-{dead.pid}-xyz").exists()

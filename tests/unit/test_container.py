@@ -89,3 +89,26 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
 def test_a_quick_command_keeps_its_rc() -> None:
     proc = subprocess.Popen(["/bin/sh", "-c", "exit 7"], start_new_session=True)
     assert ct._wait(proc, 30, lambda _m: None) == (7, False)
+
+
+def test_workspaces_name_the_pid_and_dead_ones_are_swept(tmp_path: Path) -> None:
+    ws = ct.make_workspace(str(tmp_path))
+    assert os.path.dirname(ws) == str(tmp_path)
+    assert os.path.basename(ws).startswith(f".modulus-devc.run-{os.getpid()}-")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / f".modulus-devc.run-{proc.pid}-abcd"
+    (dead / "rw" / "upper").mkdir(parents=True)
+    assert ct.sweep_workspaces(str(tmp_path)) == [str(dead)]
+    assert os.path.isdir(ws) and not dead.exists()
+
+
+def test_a_container_is_recognised_by_its_root_mount_only() -> None:
+    ws = b"/var/cache/modulus/devcontainer/.modulus-devc.run-42-abcd"
+    container = (b"1 0 0:50 / / rw - overlay modulus-devc rw,lowerdir=" + ws + b"/lower,upperdir=" + ws
+                 + b"/rw/upper\n2 1 0:5 / /proc rw - proc proc rw\n")
+    daemon = (b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+              b"7 1 0:50 / " + ws + b"/merged rw - overlay modulus-devc rw,lowerdir=" + ws + b"/lower\n")
+    assert ct._root_mount_names(container, ws) is True
+    assert ct._root_mount_names(daemon, ws) is False
+    assert ct._root_mount_names(container, ws + b"x") is False

@@ -18,6 +18,7 @@ from ansible_collections.modulus.kmods.plugins.module_utils import fetch as fm
 from ansible_collections.modulus.kmods.plugins.module_utils import http
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import LINUX_FS_TYPE
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring, parse_colons_primaries
+from sim.signing import ExpiredKeySet
 
 NAME = "flatcar_developer_container.bin.bz2"
 FIELDS = {"channel": "stable", "board": "amd64-usr", "version": "9001.2.0", "arch": "amd64", "group": "stable"}
@@ -58,7 +59,11 @@ class Release:
 
     def _gpg(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:  # noqa: A002
         env = dict(os.environ, GNUPGHOME=str(self.home))
-        return subprocess.run(["gpg", "--batch", "--no-tty", *args], env=env, check=True, capture_output=True, input=input)
+        try:
+            return subprocess.run(["gpg", "--batch", "--no-tty", *args], env=env, check=True, capture_output=True,
+                                  input=input)
+        finally:  # signing starts a gpg-agent for this home: never leave one behind
+            subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, check=False)
 
     def sha_raw(self) -> str:
         return hashlib.sha256(self.raw.read_bytes()).hexdigest()
@@ -278,9 +283,71 @@ def test_stale_partial_files_are_removed(release: Release, server: FetchServer, 
     server.publish("/stable/amd64-usr/9001.2.0", release)
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / (http.PARTIAL_PREFIX + "img.bin.abc123")).write_bytes(b"half")
-    fetch(release, server, cache / "img.bin")
-    assert leftovers(cache) == ["img.bin"]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (cache / (http.PARTIAL_PREFIX + "img.bin.abc123")).write_bytes(b"half")  # an older release's name: no PID
+    (cache / (http.PARTIAL_PREFIX + f"img.bin.{gone.pid}-abc123")).write_bytes(b"half")  # its process is gone
+    live = http.PARTIAL_PREFIX + "img.bin.1-xyz"  # PID 1 is alive: a download under way elsewhere
+    (cache / live).write_bytes(b"half")
+    logs: list[str] = []
+    fetch(release, server, cache / "img.bin", log=logs.append)
+    assert leftovers(cache) == [live, "img.bin"]
+    assert any(f".partial-img.bin.{os.getpid()}-" in line or "download" in line for line in logs)
+
+
+# ------------------------------------------------------------------ expired signing keys
+
+
+@pytest.fixture(scope="module")
+def expired_release(release: Release, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExpiredKeySet, bytes]:
+    """The test image signed by a key whose signing subkey has expired since (and its refreshed copy)."""
+    base = tmp_path_factory.mktemp("expired")
+    ks = ExpiredKeySet(base / "keys")
+    body = base / NAME
+    body.write_bytes(release.bz2)
+    sig = ks.sign(body).read_bytes()
+    ks.refresh()
+    return ks, sig
+
+
+def test_expired_signing_key_is_refreshed_before_the_download(release: Release, server: FetchServer, tmp_path: Path,
+                                                              expired_release: tuple[ExpiredKeySet, bytes]) -> None:
+    ks, sig = expired_release
+    server.publish("/stable/amd64-usr/9001.2.0", release, sig=sig)
+    cands = fm.candidate_bases(server.base + "/{channel}/{board}/{version}", [], None, FIELDS)
+    reasons: list[str] = []
+    with Keyring(ks.expired_public, [ks.fingerprint]) as ring:
+        def refresh(reason: str) -> None:
+            reasons.append(reason)
+            ring.add_key(ks.refreshed_public, "key_url")
+        res = fm.fetch_image(cands, NAME, str(tmp_path / "img.bin"), ring, retry_delay=0.01, refresh_key=refresh)
+    assert len(reasons) == 1 and ks.key.signing_fingerprint in reasons[0] and "expired on" in reasons[0]
+    assert res.primary_fingerprint == ks.fingerprint and res.attempts == 1
+    assert [h for h in server.hits if h.endswith(".bz2")] == ["/stable/amd64-usr/9001.2.0/" + NAME]  # one download
+    assert hashlib.sha256((tmp_path / "img.bin").read_bytes()).hexdigest() == release.sha_raw()
+
+
+def test_expired_signing_key_without_refresh_fails_before_the_download(
+        release: Release, server: FetchServer, tmp_path: Path, expired_release: tuple[ExpiredKeySet, bytes]) -> None:
+    ks, sig = expired_release
+    server.publish("/stable/amd64-usr/9001.2.0", release, sig=sig)
+    cands = fm.candidate_bases(server.base + "/{channel}/{board}/{version}", [], None, FIELDS)
+    with Keyring(ks.expired_public, [ks.fingerprint]) as ring:
+        with pytest.raises(fm.SignatureError, match="EXPKEYSIG") as info:
+            fm.fetch_image(cands, NAME, str(tmp_path / "cache" / "img.bin"), ring, retry_delay=0.01)
+        assert info.value.keywords == ("EXPKEYSIG",)
+
+        def refuse(reason: str) -> None:
+            raise fm.SignatureError(f"{reason}: refused", ("EXPKEYSIG",))
+        with pytest.raises(fm.SignatureError, match="refused"):
+            fm.fetch_image(cands, NAME, str(tmp_path / "cache" / "img.bin"), ring, retry_delay=0.01, refresh_key=refuse)
+
+        def useless(reason: str) -> None:  # accepted, but it does not extend the subkey
+            ring.add_key(ks.expired_public, "key_url")
+        with pytest.raises(fm.SignatureError, match="does not extend it"):
+            fm.fetch_image(cands, NAME, str(tmp_path / "cache" / "img.bin"), ring, retry_delay=0.01, refresh_key=useless)
+    assert not any(h.endswith(".bz2") for h in server.hits)
+    assert leftovers(tmp_path / "cache") == []
 
 
 def test_wrong_key_fails_before_the_body_is_downloaded(release: Release, server: FetchServer, tmp_path: Path) -> None:
@@ -290,6 +357,7 @@ def test_wrong_key_fails_before_the_body_is_downloaded(release: Release, server:
     env = dict(os.environ, GNUPGHOME=str(other))
     subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "O <o@example.invalid>", "ed25519", "sign",
                     "never"], env=env, check=True, capture_output=True)
+    subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, check=False)
     other_public = subprocess.run(["gpg", "--batch", "--armor", "--export"], env=env, check=True, capture_output=True).stdout
     cands = fm.candidate_bases(server.base + "/{channel}/{board}/{version}", [], None, FIELDS)
     with Keyring(other_public) as ring, pytest.raises(fm.SignatureError, match="not in verify_key"):

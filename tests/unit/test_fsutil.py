@@ -221,3 +221,74 @@ def test_extract_corrupt_data_is_a_read_error(tmp_path: Path) -> None:
     zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 64)
     with pytest.raises(tarfile.ReadError, match="zstd"):
         fsutil.extract_tar(str(zst), str(tmp_path / "t2"))
+
+
+def test_atomic_write_temp_files_are_named_for_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer killed between the temporary file and the rename leaves ``.<name>.tmp-<pid>-*``,
+    which ``sweep_dest`` removes once that process is gone."""
+    seen = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        seen.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    fsutil.atomic_write(str(tmp_path / "dest.failed.json"), b"{}")
+    assert seen and seen[0].startswith(f".dest.failed.json.tmp-{os.getpid()}-")
+    dead = _dead_pid()
+    (tmp_path / "dest").mkdir()
+    left = [tmp_path / f".dest.failed.json.tmp-{dead}-abc", tmp_path / f".dest.failed.log.tmp-{dead}-abc",
+            tmp_path / "dest" / f".manifest.json.tmp-{dead}-abc", tmp_path / f".dest.old-{dead}-abc"]
+    for p in left:
+        p.write_text("partial")
+    res = fsutil.sweep_dest(str(tmp_path / "dest"), mountinfo=str(tmp_path / "no-mountinfo"))
+    assert sorted(res.removed) == sorted(map(str, left)) and res.kept == {}
+    assert (tmp_path / "dest.failed.json").read_bytes() == b"{}"
+
+
+def test_sweep_kills_leftover_processes_and_releases_mounts_first(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    held = tmp_path / f".dest.build-{dead}-abc"
+    (held / "work" / "mnt").mkdir(parents=True)
+    # a process of the dead run that escaped its group: its working directory is in the workspace
+    straggler = subprocess.Popen(["sleep", "300"], cwd=str(held / "work"), start_new_session=True)
+    mountinfo = tmp_path / "mountinfo"
+    escaped = str(held / "work" / "mnt")
+    mountinfo.write_text(f"36 35 98:0 / / rw - ext4 /dev/root rw\n99 36 0:42 / {escaped} rw - tmpfs tmpfs rw\n")
+    released: list[str] = []
+
+    def release(path: str) -> list[str]:
+        assert straggler.poll() is not None or fsutil.processes_using(path) == []  # killed before the unmount
+        released.append(path)
+        mountinfo.write_text("36 35 98:0 / / rw - ext4 /dev/root rw\n")  # the mount is gone
+        return [escaped]
+
+    try:
+        res = fsutil.sweep_stale(str(tmp_path), "dest", mountinfo=str(mountinfo), release=release, kill=True)
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+        straggler.wait()
+    assert res.removed == [str(held)] and res.released == [escaped] and released == [str(held)]
+    assert [line.split()[0] for line in res.killed] == [str(straggler.pid)] and straggler.returncode == -9
+    assert any("killed leftover process" in line for line in res.lines())
+    # a release that fails keeps the workspace and says why
+    (held / "mnt").mkdir(parents=True)
+    mountinfo.write_text(f"99 36 0:42 / {held / 'mnt'} rw - tmpfs tmpfs rw\n")
+
+    def broken(_path: str) -> list[str]:
+        raise RuntimeError("umount: target is busy")
+
+    res = fsutil.sweep_stale(str(tmp_path), "dest", mountinfo=str(mountinfo), release=broken)
+    assert res.removed == [] and "target is busy" in res.kept[str(held)]
+
+
+def test_dest_lock_is_exclusive(tmp_path: Path) -> None:
+    dest = tmp_path / "sub" / "dest"
+    with fsutil.dest_lock(str(dest)) as held:
+        assert held and (tmp_path / "sub" / "dest.lock").exists()
+        code = ("import sys\nfrom ansible_collections.modulus.kmods.plugins.module_utils import fsutil\n"
+                f"with fsutil.dest_lock({str(dest)!r}, wait=False) as held:\n    sys.exit(0 if held else 3)\n")
+        assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ), check=False).returncode == 3
+    assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ), check=False).returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,53 @@ def test_prune_never_removes_below_keep(tmp_path: Path, keep: int) -> None:
         fake_cached(tmp_path, version)
     ic.prune(str(tmp_path), "amd64-usr", keep)
     assert len(ic.cached_versions(str(tmp_path), "amd64-usr")) == keep
+
+
+def test_a_staged_entry_replaces_the_old_one_in_one_exchange(tmp_path: Path) -> None:
+    old = fake_cached(tmp_path, "9001.1.0", "A" * 40)
+    staging = ic.make_entry_staging(old)
+    assert os.path.basename(staging).startswith(f".9001.1.0.fetch-{os.getpid()}-")
+    assert ic.cached_versions(str(tmp_path), "amd64-usr") == ["9001.1.0"]  # staging is hidden
+    new = ic.staged(old, staging)
+    Path(new.image_path).write_bytes(b"new image")
+    ic.write_metadata(new, {"verified": True, "fingerprint": FLATCAR_KEY_FINGERPRINT})
+    assert ic.cached_ok(old, [FLATCAR_KEY_FINGERPRINT]) is None  # not yet
+    assert ic.cached_unverified_reason(old, [FLATCAR_KEY_FINGERPRINT]).startswith("it was verified with the key AAAA")
+    ic.replace_entry(staging, old)
+    assert ic.cached_ok(old, [FLATCAR_KEY_FINGERPRINT]) is not None
+    assert Path(old.image_path).read_bytes() == b"new image"
+    assert sorted(os.listdir(tmp_path / "amd64-usr")) == ["9001.1.0"]
+    assert ic.cached_unverified_reason(old, [FLATCAR_KEY_FINGERPRINT]) is None
+
+
+def test_image_lock_follows_an_exchanged_directory(tmp_path: Path) -> None:
+    entry = fake_cached(tmp_path, "9001.1.0")
+    stale_fd = os.open(entry.directory, os.O_RDONLY)  # someone who locked the old directory...
+    staging = ic.make_entry_staging(entry)
+    ic.replace_entry(staging, entry)  # ...which is then exchanged (and removed)
+    try:
+        with ic.image_lock(entry.image_path, exclusive=True) as lock:
+            assert os.fstat(lock.fd).st_ino == os.stat(entry.directory).st_ino != os.fstat(stale_fd).st_ino
+    finally:
+        os.close(stale_fd)
+
+
+def test_sweep_board_removes_staging_and_partials_of_dead_runs(tmp_path: Path) -> None:
+    entry = fake_cached(tmp_path, "9001.1.0")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    board = tmp_path / "amd64-usr"
+    dead = [board / f".9001.2.0.fetch-{proc.pid}-ab", board / f".9001.1.0.old-{proc.pid}-cd"]
+    live = board / f".9001.3.0.fetch-{os.getpid()}-ef"
+    for path in dead + [live]:
+        path.mkdir()
+        (path / "flatcar_developer_container.bin").write_bytes(b"half")
+    partial = Path(entry.directory) / f".partial-flatcar_developer_container.bin.{proc.pid}-x"
+    partial.write_bytes(b"half")
+    empty, locked = board / "9001.5.0", board / "9001.6.0"
+    empty.mkdir()
+    locked.mkdir()
+    with ic.image_lock(str(locked / "img"), exclusive=True):  # a first fetch under way holds it
+        removed = ic.sweep_board(str(tmp_path), "amd64-usr")
+    assert sorted(removed) == sorted(str(p) for p in dead + [partial, empty])
+    assert live.exists() and locked.exists() and ic.cached_ok(entry) is not None

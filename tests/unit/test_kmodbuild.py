@@ -227,3 +227,82 @@ def test_summary_names_the_signer() -> None:
     m = {"kernel_release": "k", "driver": "nvidia", "signing_key_fingerprint": "ab" * 32, "files": {}}
     assert kb.summary(m)["signing_key_fingerprint"] == "ab" * 32 and "files" not in kb.summary(m)
     assert kb.summary(None) == {}
+
+
+BUILD_LOG = """modulus kmod_build generic hello 1.0 for kernel 6.1.0-50-amd64
+=== modulus devcontainer run (overlay) 2026-11-27T08:00:00Z: /bin/sh /modulus/in/build.sh
+modulus: [+0 s] building: make -C /lib/modules/6.1.0-50-amd64/build M=/modulus/work/src modules
+  CC [M]  /modulus/work/src/modulus_hello.o
+/modulus/work/src/modulus_hello.c: In function 'hello_init':
+/modulus/work/src/modulus_hello.c:20:18: error: expected ';' before 'this'
+/modulus/work/src/modulus_hello.c:20:18: error: expected ';' before 'this'
+/modulus/work/src/modulus_hello.c:21:5: error: 'wrong' undeclared (first use in this function)
+make[2]: *** [scripts/Makefile.build:250: /modulus/work/src/modulus_hello.o] Error 1
+make[1]: *** [Makefile:2010: /modulus/work/src] Error 2
+=== rc=2 in 3.0 s
+"""
+
+
+def generic_resolved(tmp_path: Path) -> kb.Resolved:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "Kbuild").write_text("obj-m += hello.o\n")
+    req = kb.BuildRequest(recipe="generic", image=str(tmp_path / "img"), dest=str(tmp_path / "out"), name="hello",
+                          version="1.0", source=str(src), modules=["hello"])
+    return kb.resolve(req, info())
+
+
+def test_first_errors_quote_the_compiler(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    log.write_text(BUILD_LOG)
+    errors = kb.first_errors(str(log))
+    assert errors[0] == "/modulus/work/src/modulus_hello.c:20:18: error: expected ';' before 'this'"
+    assert len(errors) == 4 and errors[-1].endswith("Error 2")  # each line once
+    assert kb.first_errors(str(tmp_path / "missing")) == [] and kb.first_errors(None) == []
+
+
+@pytest.mark.parametrize("rc,timed_out,tail,kind,remembered", [
+    (2, False, "error: x", "compile", True),
+    (-9, True, "", "timeout", False),
+    (2, False, "cc1: fatal error: No space left on device", "no_space", False),
+    (137, False, "", "killed", False),
+])
+def test_container_failures_are_classified(tmp_path: Path, rc: int, timed_out: bool, tail: str, kind: str,
+                                           remembered: bool) -> None:
+    r = generic_resolved(tmp_path)
+    log = tmp_path / "build.log"
+    log.write_text(BUILD_LOG)
+    res = kb.container.RunResult(rc=rc, output_tail=tail, log_path=str(log), timed_out=timed_out, method="overlay",
+                                 duration=1.0)
+    exc = kb.container_failure(r.req, res, str(log))
+    assert exc.kind == kind and exc.remembered is remembered
+    if kind == "compile":
+        assert "exited with rc 2; first errors:" in exc.msg and "error: expected ';'" in exc.msg
+
+
+def test_only_deterministic_failures_are_remembered(tmp_path: Path) -> None:
+    r = generic_resolved(tmp_path)
+    dest = r.req.dest
+    log = tmp_path / "build.log"
+    log.write_text(BUILD_LOG)
+    # a download that failed: reported, its log kept, nothing remembered
+    out = kb.record_failure(r, kb.BuildError("download of http://x/y failed: HTTP 503", kind="download"), None, 1.5)
+    assert not out.remembered and out.marker is None and kb.read_failure_marker(dest) is None
+    assert "transient" in kb.failure_reason(out) and kb.known_failure(r) is None
+    # a compile error: remembered with the first error lines, the log beside dest
+    out = kb.record_failure(r, kb.BuildError("build in img exited with rc 2", "tail", str(log), kind="compile"),
+                            str(log), 12.25)
+    assert out.remembered and out.marker == dest + ".failed.json" and out.log_path == dest + ".failed.log"
+    marker = kb.known_failure(r)
+    assert marker and marker["kind"] == "compile" and marker["duration"] == 12.25
+    assert marker["errors"][0].endswith("error: expected ';' before 'this'")
+    msg = kb.known_failure_message(dest, marker)
+    assert "compile error: build in img exited with rc 2" in msg and "error: expected ';' before 'this'" in msg
+    assert f"build log: {dest}.failed.log" in msg and "not retrying until the inputs change or force=true" in msg
+    assert "remembered in " + dest + ".failed.json" in kb.failure_reason(out)
+    # a later transient failure drops the marker (it was for these inputs only when the run did not start)
+    kb.record_failure(r, kb.BuildError("git clone failed", kind="git"), str(log), 0.5)
+    assert kb.read_failure_marker(dest) is None and Path(dest + ".failed.log").read_text() == BUILD_LOG
+    # a marker that names a transient kind (older code remembered downloads) never blocks
+    kb.write_failure_marker(dest, r.inputs_sha256, "download failed", None, kind="download")
+    assert kb.known_failure(r) is None

@@ -4,6 +4,7 @@ their command lines (and fail on demand), so the order of release and every fall
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ for pattern in $FAKE_FAIL; do
   esac
 done
 if [ "$name" = losetup ] && [ "$1" = --find ]; then echo /dev/loop7; fi
+if [ "$name" = umount ] && [ -n "$FAKE_MOUNTINFO" ]; then
+  for target; do :; done
+  grep -v " $target rw " "$FAKE_MOUNTINFO" > "$FAKE_MOUNTINFO.new"; mv "$FAKE_MOUNTINFO.new" "$FAKE_MOUNTINFO"
+fi
 exit 0
 """
 
@@ -111,9 +116,53 @@ def test_mount_readonly_of_a_file_uses_a_read_only_loop(calls: Path, tmp_path: P
     image.write_bytes(b"\0" * 4096)
     with mounts.mount_readonly(str(image)) as mnt:
         assert os.path.isdir(mnt)
-    assert lines(calls) == ["losetup --find --show --read-only --offset 0 " + str(image),
-                            f"mount -o ro /dev/loop7 {mnt}", f"umount {mnt}", "losetup -d /dev/loop7"]
+    # mount(8) sets the loop device up with autoclear: unmounting frees it, nothing to detach
+    assert lines(calls) == [f"mount -o loop,ro {image} {mnt}", f"umount {mnt}"]
+    assert os.path.basename(mnt).startswith(f"modulus-ro-{os.getpid()}-")
     assert not os.path.exists(mnt)
+
+
+def test_mount_image_uses_an_autoclear_loop_with_offset_and_size(calls: Path, tmp_path: Path) -> None:
+    with mounts.MountStack() as stack:
+        stack.mount_image("/img", str(tmp_path), "ext4", "ro,noload", 2097152, 8 << 20)
+        stack.mount_image("/img2", str(tmp_path), None, "rw")  # never read-write
+    assert lines(calls) == [f"mount -t ext4 -o loop,ro,noload,offset=2097152,sizelimit=8388608 /img {tmp_path}",
+                            f"mount -o loop,ro /img2 {tmp_path}", f"umount {tmp_path}", f"umount {tmp_path}"]
+    assert stack.loops == []
+
+
+def mountinfo_of(points: list[str], source: str = "x") -> str:
+    return "".join(f"{i + 10} 1 0:{i} / {p} rw - tmpfs {source} rw\n" for i, p in enumerate(points))
+
+
+def test_release_under_unmounts_deepest_first_and_lazily_when_busy(calls: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = tmp_path / "ws"
+    info = tmp_path / "mountinfo"
+    points = [str(ws / "lower"), str(ws / "rw"), str(ws / "merged"), str(ws / "merged/proc"), str(tmp_path / "other")]
+    info.write_text(mountinfo_of(points))
+    monkeypatch.setenv("FAKE_MOUNTINFO", str(info))
+    monkeypatch.setenv("FAKE_FAIL", f"umount {ws}/rw")  # busy: only the lazy unmount works
+    released = mounts.release_under(str(ws), mountinfo=str(info))
+    assert released[0] == str(ws / "merged/proc") and sorted(released) == sorted(points[:4])
+    assert f"umount -l {ws}/rw" in lines(calls)
+    assert info.read_text() == mountinfo_of([str(tmp_path / "other")]).replace("10 1 0:0", "14 1 0:4")
+    assert mounts.release_under(str(tmp_path / "nothing"), mountinfo=str(info)) == []
+
+
+def test_sweep_dead_dirs_releases_then_removes_only_dead_ones(calls: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / f"modulus-ro-{proc.pid}-abc"
+    live = tmp_path / f"modulus-ro-{os.getpid()}-def"
+    for path in (dead, live):
+        path.mkdir()
+    info = tmp_path / "mountinfo"
+    info.write_text(mountinfo_of([str(dead), str(live)]))
+    monkeypatch.setenv("FAKE_MOUNTINFO", str(info))
+    assert mounts.sweep_dead_dirs(str(tmp_path), "modulus-ro-", mountinfo=str(info)) == [str(dead)]
+    assert lines(calls) == [f"umount {dead}"] and live.exists() and not dead.exists()
 
 
 def test_mount_readonly_of_a_device_and_release_on_failure(calls: Path) -> None:

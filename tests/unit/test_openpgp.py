@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,12 @@ from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import (
     judge_status,
     load_key_material,
     normalize_fingerprint,
+    parse_colons_keys,
     parse_colons_primaries,
+    sweep_homes,
     verify_file,
 )
+from sim.signing import ExpiredKeySet
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_ASC = REPO / "plugins" / "files" / "Flatcar_Image_Signing_Key.asc"
@@ -43,8 +47,11 @@ class ThrowawayKey:
 
     def _gpg(self, *args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, GNUPGHOME=str(self.home))
-        return subprocess.run(["gpg", "--batch", "--no-tty", *args], env=env, check=True, capture_output=True,
-                              text=True)
+        try:
+            return subprocess.run(["gpg", "--batch", "--no-tty", *args], env=env, check=True, capture_output=True,
+                                  text=True)
+        finally:  # secret-key operations start a gpg-agent: never leave one behind
+            subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, check=False)
 
     def sign(self, path: Path) -> Path:
         sig = path.with_name(path.name + ".sig")
@@ -192,3 +199,114 @@ def test_shipped_flatcar_key_matches_the_published_key_and_fingerprint(tmp_path:
     assert "Flatcar Buildbot (Official Builds)" in out
     with Keyring(FLATCAR_SIGNING_KEY.encode(), [FLATCAR_KEY_FINGERPRINT]) as ring:
         assert ring.primaries == [FLATCAR_KEY_FINGERPRINT]
+
+
+# ------------------------------------------------------------------ no agent, homes named by PID, sweeping
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (``pgrep -af`` without pgrep)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_no_gpg_agent_is_started_and_the_home_names_the_pid(signed: tuple[Path, Path], keys: tuple[ThrowawayKey, ThrowawayKey],
+                                                            tmp_path: Path) -> None:
+    data, sig = signed
+    with Keyring(keys[0].public.encode(), tmp_dir=str(tmp_path)) as ring:
+        home = ring.home
+        assert os.path.basename(home).startswith(f"modulus-gnupg-{os.getpid()}-")
+        assert ring.precheck(str(sig)) is None
+        assert verify_file(ring, str(sig), str(data)).good
+        assert os.path.isfile(ring.keyring_file)
+        assert processes_naming(home) == []  # no gpg-agent (nor anything else) runs for this home
+        assert not [n for n in os.listdir(home) if n.startswith("S.")]  # no agent socket either
+    assert not os.path.exists(home)
+
+
+def test_sweep_homes_removes_only_those_of_dead_processes(tmp_path: Path) -> None:
+    dead = tmp_path / f"modulus-gnupg-{dead_pid()}-abcd"
+    live = tmp_path / f"modulus-gnupg-{os.getpid()}-efgh"
+    other = tmp_path / "modulus-gnupg-notapid"
+    for path in (dead, live, other):
+        path.mkdir()
+        (path / "pubring.kbx").write_bytes(b"x")
+    assert sweep_homes(str(tmp_path)) == [str(dead)]
+    assert live.exists() and other.exists() and not dead.exists()
+
+
+# ------------------------------------------------------------------ expired signing subkeys and refreshed keys
+
+
+@pytest.fixture(scope="module")
+def expired(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExpiredKeySet, Path, Path]:
+    base = tmp_path_factory.mktemp("expired")
+    ks = ExpiredKeySet(base / "keys")
+    data = base / "data.bin"
+    data.write_bytes(os.urandom(1 << 20))
+    sig = ks.sign(data)
+    ks.refresh()
+    return ks, data, sig
+
+
+def test_expired_subkey_is_seen_before_and_reported_as_expkeysig(expired: tuple[ExpiredKeySet, Path, Path]) -> None:
+    ks, data, sig = expired
+    with Keyring(ks.expired_public, [ks.fingerprint]) as ring:
+        assert ring.precheck(str(sig)) is None
+        gone = ring.expired_signers(str(sig))
+        assert [k.fingerprint for k in gone] == [ks.key.signing_fingerprint]
+        assert "expired on" in ring.describe_expired(gone) and ks.key.signing_fingerprint in ring.describe_expired(gone)
+        result = verify_file(ring, str(sig), str(data))
+        assert not result.good and "EXPKEYSIG" in result.reason
+        assert ring.expiry(ks.key.signing_fingerprint) < time.time()
+
+
+def test_refreshed_copy_of_the_pinned_key_is_merged_and_verifies(expired: tuple[ExpiredKeySet, Path, Path]) -> None:
+    ks, data, sig = expired
+    with Keyring(ks.expired_public, [ks.fingerprint]) as ring:
+        assert ring.add_key(ks.refreshed_public, "refreshed.asc") == [ks.fingerprint]
+        assert ring.expired_signers(str(sig)) == []
+        result = verify_file(ring, str(sig), str(data))
+        assert result.good, result.reason
+        assert result.signing_fingerprint == ks.key.signing_fingerprint
+        assert ring.expiry(ks.key.signing_fingerprint) > time.time() + 300 * 86400
+        assert ring.export_armored(ks.fingerprint).startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----")
+
+
+def test_a_refreshed_key_of_another_primary_is_refused(expired: tuple[ExpiredKeySet, Path, Path]) -> None:
+    ks, data, sig = expired
+    with Keyring(ks.expired_public, [ks.fingerprint]) as ring:
+        with pytest.raises(OpenPGPError, match=f"{ks.impostor.fingerprint}.*not the pinned {ks.fingerprint}: refused"):
+            ring.add_key(ks.impostor_public, "impostor.asc")
+        with pytest.raises(OpenPGPError, match=r"refused"):  # both keys in one file: still refused
+            ring.add_key(ks.refreshed_public + ks.impostor_public, "both.asc")
+        with pytest.raises(OpenPGPError, match="no OpenPGP public key"):
+            ring.add_key(b"<html>not a key</html>", "junk")
+        assert ring.primaries == [ks.fingerprint]
+        assert ring.expired_signers(str(sig)) != []  # nothing was imported
+
+
+def test_parse_colons_keys_reads_expiry_and_capabilities() -> None:
+    text = ("pub:-:255:22:AAAAAAAAAAAAAAAA:1700000000:::-:::cSC:::::ed25519:::0:\n"
+            "fpr:::::::::" + "A" * 40 + ":\n"
+            "uid:-::::1700000000::X::Someone::::::::::0:\n"
+            "sub:e:255:22:BBBBBBBBBBBBBBBB:1700000000:1710000000:::::s:::::ed25519::\n"
+            "fpr:::::::::" + "B" * 40 + ":\n")
+    primary, sub = parse_colons_keys(text)
+    assert (primary.is_primary, primary.capabilities, primary.expires) == (True, "c", None)
+    assert (sub.primary, sub.keyid, sub.can_sign, sub.expires, sub.expired()) == ("A" * 40, "B" * 16, True, 1710000000, True)

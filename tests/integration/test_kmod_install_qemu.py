@@ -1,0 +1,127 @@
+"""What kmod_install puts on a host, loaded into Debian's real kernel under QEMU (tests/sim/qemu.py).
+
+The kit host is not the running system, so kmod_install's ``loaded`` returns its load plan there;
+the plan's shell form is the boot loader ``/opt/modulus/bin/modulus-load-<driver>``. Here that very
+script runs with busybox in a guest booted on the build's kernel:
+
+- tree method: ``/opt`` of the host root (running release 9001.1.0, the hello build for the pending
+  kernel 6.1.0-50 staged) is the guest's ``/opt``; at "first boot of the new release" the loader
+  switches ``/opt/drivers/<driver>`` to the build for ``uname -r`` and loads it with its parameters;
+- sysext method: the staged squashfs image is attached in the guest with the kernel's own ``loop`` and
+  ``squashfs`` modules and merged read-only over ``/usr`` with ``overlay``, the way systemd-sysext does;
+  ``modprobe modulus_hello`` then resolves through the index shipped in the image, and the loader loads
+  it by path as well;
+- NVIDIA: the loader on a guest without an NVIDIA GPU says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
+from sim import ansible_run
+from sim.kit import Kit, cache_root
+from sim.qemu import boot_and_run, kernel_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = ROOT / "tests" / "fixtures" / "hello"
+DRIVER = "modulus-hello"
+GREETING = "hi from kmod_install"
+
+
+def install(args: dict) -> dict:
+    res, text = ansible_run.run_module("modulus.kmods.kmod_install", args, timeout=900)
+    assert not res.get("failed"), text
+    return res
+
+
+@pytest.fixture(scope="module")
+def hello(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("hello-q")
+    out = {}
+    for name, rel in kit.releases.items():
+        args = {"image": str(rel.image_raw), "recipe": "generic", "name": DRIVER, "version": "1.0",
+                "source": str(HELLO), "modules": ["modulus_hello"], "dest": str(base / name)}
+        res, text = ansible_run.run_module("modulus.kmods.kmod_build", args, timeout=1800)
+        assert not res.get("failed"), text
+        out[name] = base / name
+    return out
+
+
+def test_tree_boot_loader_loads_the_staged_build_in_its_kernel(kit: Kit, host_root_factory, hello) -> None:
+    cur, pend = kit.releases["current"], kit.releases["pending"]
+    root = host_root_factory(update="need_reboot", legacy=True)
+    params = {"modulus_hello": {"greeting": GREETING}}
+    install({"src": str(hello["current"]), "host_root": str(root), "module_parameters": params})
+    res = install({"src": str(hello["pending"]), "host_root": str(root), "state": "staged", "module_parameters": params})
+    assert res["method"] == "tree"
+    assert os.readlink(root / f"opt/drivers/{DRIVER}").endswith(cur.kernel)  # the running one, untouched
+    loader = res["boot_loader"]
+    script = f"""
+{loader}; echo "LOADER-RC=$?"
+echo "LINK=$(readlink /opt/drivers/{DRIVER})"
+echo "GREETING=$(cat /sys/module/modulus_hello/parameters/greeting)"
+"""
+    out = boot_and_run(pend.kernel, script, files={"/opt": root / "opt"})
+    assert out.booted and out.rc == 0, out.console[-3000:]
+    assert "modulus-load: loaded modulus_hello" in out.output and "LOADER-RC=0" in out.output, out.output
+    assert f"LINK=/opt/modulus/installed/{DRIVER}/1.0/{pend.kernel}" in out.output, out.output
+    assert f"GREETING={GREETING}" in out.output, out.output
+    assert "modulus_hello" in out.loaded
+
+
+def test_sysext_image_mounted_in_the_guest_loads_by_name_and_by_path(kit: Kit, host_root_factory, hello) -> None:
+    pend = kit.releases["pending"]
+    root = host_root_factory(update="need_reboot")
+    kmods = kernel_dir(pend.kernel) / "lib" / "modules" / pend.kernel
+    res = install({"src": str(hello["pending"]), "host_root": str(root), "state": "staged",
+                   "sysext_format": "squashfs", "kernel_modules_dir": str(kmods)})
+    assert res["method"] == "sysext" and res["image"]["index"] is True
+    name = res["image"]["name"]
+    raw = root / res["image"]["path"].lstrip("/")
+    script = f"""
+mkdir -p /run/ext /run/base-usr /usr
+mount -t squashfs -o loop,ro /var/lib/extensions/{name}.raw /run/ext || echo MOUNT-FAILED
+# merged the way systemd-sysext merges: a read-only overlay, the extension above the base /usr
+mount -t overlay overlay -o ro,lowerdir=/run/ext/usr:/run/base-usr /usr || echo OVERLAY-FAILED
+ln -s usr/lib /lib
+grep VERSION_ID /usr/lib/extension-release.d/extension-release.{name}
+modprobe modulus_hello greeting=by-name && echo "BYNAME-OK $(cat /sys/module/modulus_hello/parameters/greeting)"
+rmmod modulus_hello && echo REMOVED
+{res["boot_loader"]}; echo "LOADER-RC=$?"
+"""
+    out = boot_and_run(pend.kernel, script, files={f"/var/lib/extensions/{name}.raw": raw, "/opt": root / "opt"},
+                       kernel_modules=["loop", "squashfs", "overlay"])
+    assert out.booted and out.rc == 0, out.console[-3000:]
+    assert "MOUNT-FAILED" not in out.output and "OVERLAY-FAILED" not in out.output, out.output
+    assert f"VERSION_ID={pend.version}" in out.output
+    assert "BYNAME-OK by-name" in out.output and "REMOVED" in out.output, out.output
+    assert "modulus-load: loaded modulus_hello" in out.output and "LOADER-RC=0" in out.output, out.output
+    assert "modulus_hello" in out.loaded and {"loop", "squashfs", "overlay"} <= set(out.kernel_modules)
+
+
+def test_nvidia_loader_without_gpu_says_so(kit: Kit, host_root_factory, tmp_path: Path) -> None:
+    builds = [m.parent for m in sorted((cache_root() / "nvidia-builds").glob("*/nvidia/*/*/manifest.json"))
+              if mf.verify_tree(str(m.parent), json.loads(m.read_text()), strict=False, hash_files=False) == []]
+    rel = next((r for r in kit.releases.values() for b in builds if b.name == r.kernel), None)
+    if rel is None:
+        pytest.skip("no NVIDIA build in the kit cache (made by the slow kmod_build tests); not compiled here")
+    src = next(b for b in builds if b.name == rel.kernel)
+    name = next(k for k, r in kit.releases.items() if r is rel)
+    root = host_root_factory(release=name)
+    res = install({"src": str(src), "host_root": str(root), "state": "loaded", "sysext_format": "directory"})
+    assert res["load"]["reason"].startswith("no NVIDIA GPU")
+    # the GPU check comes before any insmod: the merged module directory only has to exist
+    (tmp_path / "empty").mkdir()
+    script = f"""
+{res["boot_loader"]}; echo "LOADER-RC=$?"
+"""
+    out = boot_and_run(rel.kernel, script, files={f"/usr/lib/modules/{rel.kernel}/updates/modulus/nvidia": tmp_path / "empty",
+                                                  "/opt": root / "opt"})
+    assert out.booted and out.rc == 0, out.console[-3000:]
+    assert "no NVIDIA GPU (PCI vendor 10de) on this host: not loading" in out.output and "LOADER-RC=0" in out.output
+    assert "nvidia" not in out.loaded
