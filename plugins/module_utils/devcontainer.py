@@ -31,12 +31,6 @@ from ansible_collections.modulus.kmods.plugins.module_utils.flatcar_keys import 
     FLATCAR_SIGNING_KEY,
 )
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import atomic_write, sweep_stale
-from ansible_collections.modulus.kmods.plugins.module_utils.http import (
-    FetchError,
-    fetch_small,
-    sweep_partials,
-    with_retries,
-)
 from ansible_collections.modulus.kmods.plugins.module_utils.identity import check_board, check_os_version
 from ansible_collections.modulus.kmods.plugins.module_utils.imagecache import (
     IMAGE_FILE,
@@ -62,6 +56,12 @@ from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import (
     load_key_material,
     normalize_fingerprint,
     sweep_homes,
+)
+from ansible_collections.modulus.kmods.plugins.module_utils.transfer import (
+    FetchError,
+    fetch_small,
+    sweep_partials,
+    with_retries,
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._+-]+")
@@ -299,8 +299,9 @@ def _ensure(req: Request, p: dict, result: dict, check_mode: bool, log: LogFn) -
             meta = cached_ok(entry, fingerprints or None)  # another run may have fetched it meanwhile
             if meta is None:
                 meta = _fetch_entry(req, p, candidates, fingerprints, result, log)
-    else:
-        _key_expiry(req, fingerprints, entry.cache_dir, meta.get("signing_fingerprint"), result, log)
+    if "key_expires" not in result:  # a cached image: the key's expiry, without any network access
+        _key_expiry(req, fingerprints, None if check_mode else entry.cache_dir, meta.get("signing_fingerprint"),
+                    result, log)
     result["cached"] = not result["changed"]
     result["url"] = meta.get("url", result["url"])
     result["signing_fingerprint"] = meta.get("fingerprint")

@@ -29,7 +29,8 @@ from typing import Callable, Optional
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, human_bytes, no_log, which
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import fsync_dir
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import GptError, root_partition
-from ansible_collections.modulus.kmods.plugins.module_utils.http import (
+from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring
+from ansible_collections.modulus.kmods.plugins.module_utils.transfer import (
     CHUNK,
     FetchError,
     NotFound,
@@ -43,7 +44,6 @@ from ansible_collections.modulus.kmods.plugins.module_utils.http import (
     sweep_partials,
     with_retries,
 )
-from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import Keyring
 
 SPARSE_BLOCK = 4096
 MAX_SIG_BYTES = 1 << 20

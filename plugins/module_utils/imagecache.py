@@ -19,8 +19,8 @@ from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import (
     swap_into_place,
     sweep_stale,
 )
-from ansible_collections.modulus.kmods.plugins.module_utils.http import sweep_partials
 from ansible_collections.modulus.kmods.plugins.module_utils.imageinfo import version_key
+from ansible_collections.modulus.kmods.plugins.module_utils.transfer import sweep_partials
 
 IMAGE_FILE = "flatcar_developer_container.bin"
 LEGACY_IMAGE_FILE = "coreos_developer_container.bin"

@@ -334,14 +334,14 @@ class Keyring:
     def expiry(self, signing_fingerprint: Optional[str] = None, now: Optional[float] = None) -> Optional[int]:
         """When the key in use stops verifying: the earlier of its primary key's expiry and the
         expiry of the subkey ``signing_fingerprint`` (without it: of the longest-lived usable
-        signing-capable key). None: never."""
+        signing subkey, else of a signing-capable primary key). None: never."""
         now = time.time() if now is None else now
         candidates = [k for k in self.keys if k.primary in self.expected]
         if signing_fingerprint:
             used = [k for k in candidates if k.fingerprint == signing_fingerprint.upper()]
-        else:
+        else:  # the signing subkeys are what signs (a signing-capable primary only without any)
             usable = [k for k in candidates if k.can_sign and not k.revoked and not k.expired(now)]
-            usable.sort(key=lambda k: k.expires if k.expires is not None else 1 << 62)
+            usable.sort(key=lambda k: (not k.is_primary, k.expires if k.expires is not None else 1 << 62))
             used = usable[-1:]
         if not used:
             return None

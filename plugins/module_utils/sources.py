@@ -3,7 +3,7 @@
 """kmod_build sources: what a build is made from, and putting it where the container sees it.
 
 Kinds: ``file`` (a local ``.run`` or tarball), ``url`` (http, https or file URL of the same, through
-the project's one HTTP path, ``http.download_file``), ``dir`` (a local Kbuild tree) and ``git`` (a
+the project's one HTTP path, ``transfer.download_file``), ``dir`` (a local Kbuild tree) and ``git`` (a
 clone at ``git_ref``). A source has an identity before anything is fetched (``source_identity``:
 its sha256, tree hash, pinned checksum, URL or git ref), part of kmod_build's ``inputs_sha256``.
 
@@ -23,7 +23,7 @@ import tarfile
 import urllib.parse
 from typing import Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils import fsutil, http
+from ansible_collections.modulus.kmods.plugins.module_utils import fsutil, transfer
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log
 
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst")
@@ -169,11 +169,11 @@ def source_identity(kind: str, source: str, checksum: Optional[str], git_ref: Op
 
 def download(url: str, dest_path: str, timeout: float, validate_certs: bool = True, log: Optional[LogFn] = None,
              retries: int = DOWNLOAD_RETRIES) -> str:
-    """``http.download_file`` (temp file + rename, retried on transient errors); returns the sha256."""
+    """``transfer.download_file`` (temp file + rename, retried on transient errors); returns the sha256."""
     log = log or no_log
     try:
-        digest, size = http.download_file(url, dest_path, timeout, validate_certs, retries=retries, log=log)
-    except (http.FetchError, OSError) as exc:
+        digest, size = transfer.download_file(url, dest_path, timeout, validate_certs, retries=retries, log=log)
+    except (transfer.FetchError, OSError) as exc:
         raise BuildError(f"download of {url} failed: {exc}", kind="download") from exc
     log(f"downloaded {url} ({size} bytes)")
     return digest

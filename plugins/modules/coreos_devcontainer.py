@@ -446,7 +446,7 @@ def argument_spec() -> dict:
         image_name=dict(type="str"),
         verify_key=dict(type="str", no_log=False),
         verify_fingerprint=dict(type="list", elements="str", default=[]),
-        key_url=dict(type="str", default=DEFAULT_KEY_URL),
+        key_url=dict(type="str", default=DEFAULT_KEY_URL, no_log=False),
         cache_dir=dict(type="path"),
         keep=dict(type="int", default=3),
         network_timeout=dict(type="float", default=60, aliases=["timeout"]),

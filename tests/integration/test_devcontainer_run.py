@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +21,29 @@ from sim.kit import Kit
 METHODS = ["overlay", "chroot"] if shutil.which("systemd-nspawn") else ["chroot"]
 
 
-def loops_of(path: Path) -> list[str]:
+def loops_of(path: Path, ours: Path) -> list[str]:
+    """Loop devices backed by ``path`` that are ours to worry about: unmounted, or mounted under ``ours``
+    (TMPDIR, where run_in_image puts its workspace without scratch_dir).
+
+    Others may run the kit image at the same time (kmod_build tests), and ``mount -o loop`` shares one
+    autoclear loop device between read-only mounts of the same file and offset; such a loop device,
+    mounted elsewhere, belongs to them."""
     out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True,
                          text=True, check=False).stdout
-    return [line for line in out.splitlines() if str(path) in line]
+    points: dict[str, list[str]] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            points.setdefault(fields[fields.index("-") + 2], []).append(fields[4])
+    mine = []
+    for line in out.splitlines():
+        name, _sep, back = line.strip().partition(" ")
+        if str(path) not in back:
+            continue
+        where = points.get(name, [])
+        if not where or any(p == str(ours) or p.startswith(str(ours) + "/") for p in where):
+            mine.append(line)
+    return mine
 
 
 def fingerprint(path: Path) -> tuple[int, int, int]:
@@ -59,7 +79,7 @@ def test_command_sees_the_image_binds_and_env(kit: Kit, tmp_path: Path, method: 
     assert "RO-BROKEN" not in res.output_tail.splitlines()
     assert (out / "result").read_text() == "made\n"
     assert fingerprint(rel.image_raw) == before
-    assert loops_of(rel.image_raw) == []
+    assert loops_of(rel.image_raw, Path(tempfile.gettempdir())) == []
     assert "=== rc=0" in (tmp_path / "run.log").read_text()
 
 
@@ -72,7 +92,7 @@ def test_timeout_kills_the_group_and_cleans_up(kit: Kit, tmp_path: Path, method:
     assert res.timed_out and res.rc != 0
     assert time.monotonic() - started < 60
     assert "never" not in res.output_tail.splitlines()
-    assert loops_of(rel.image_raw) == []
+    assert loops_of(rel.image_raw, Path(tempfile.gettempdir())) == []
     # no "sleep 4243" left running from that container
     procs = subprocess.run(["pgrep", "-f", "sleep 4243"], capture_output=True, text=True, check=False).stdout.split()
     assert [p for p in procs if int(p) != os.getpid()] == []

@@ -301,8 +301,8 @@ def keep_archive(archive_root: Path, cache: Path) -> None:
     """Save the NVIDIA builds of a host's archive root into ``cache`` (each renamed into place whole)."""
     for kdir in sorted(archive_root.glob("nvidia/*/*")):
         target = cache / kdir.relative_to(archive_root)
-        if (target / "manifest.json").is_file():
-            continue
+        if not (kdir / "manifest.json").is_file() or (target / "manifest.json").is_file():
+            continue  # not a finished build (a lock file, a workspace), or already kept
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

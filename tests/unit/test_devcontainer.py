@@ -16,9 +16,10 @@ from ansible_collections.modulus.kmods.plugins.module_utils import devcontainer 
 from ansible_collections.modulus.kmods.plugins.module_utils.openpgp import parse_colons_primaries
 from sim.signing import ExpiredKeySet, PgpKey
 
-NEEDS_TOOLS = pytest.mark.skipif(not all(shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-                                     for t in ("sgdisk", "mkfs.ext4", "debugfs", "gpg", "bzip2")),
-                                 reason="needs gdisk, e2fsprogs, bzip2 and gpg")
+NEEDS_TOOLS = pytest.mark.skipif(
+    not all(shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+            for t in ("sgdisk", "mkfs.ext4", "debugfs", "gpg", "bzip2")),
+    reason="needs gdisk, e2fsprogs, bzip2 and gpg")
 NAME = "flatcar_developer_container.bin.bz2"
 
 

@@ -199,6 +199,10 @@ def test_shipped_flatcar_key_matches_the_published_key_and_fingerprint(tmp_path:
     assert "Flatcar Buildbot (Official Builds)" in out
     with Keyring(FLATCAR_SIGNING_KEY.encode(), [FLATCAR_KEY_FINGERPRINT]) as ring:
         assert ring.primaries == [FLATCAR_KEY_FINGERPRINT]
+        # the signing subkey in use expires 2027-03-08 (the primary key never does)
+        assert time.strftime("%Y-%m-%d", time.gmtime(ring.expiry())) == "2027-03-08"
+        assert ring.expiry("52F145DFD00BBDCD928CBB5A32DA80F91EF52974") == ring.expiry()
+        assert ring.expiry(FLATCAR_KEY_FINGERPRINT) is None
 
 
 # ------------------------------------------------------------------ no agent, homes named by PID, sweeping

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.modulus.kmods.plugins.module_utils import http
+from ansible_collections.modulus.kmods.plugins.module_utils import transfer as http
 
 
 class Server:
     """Files by path, plus faults: a status for a path prefix, or a connection cut after N bytes.
 
-    test_fetch.py uses it too (``from test_http import Server``)."""
+    test_fetch.py uses it too (``from test_transfer import Server``)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
