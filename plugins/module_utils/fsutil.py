@@ -233,7 +233,10 @@ ReleaseFn = Callable[[str], list[str]]
 
 
 def pid_alive(pid: int) -> bool:
-    """True unless ``pid`` surely names no process (a PID we may not signal is alive)."""
+    """True unless ``pid`` surely names no running process (a PID we may not signal is alive).
+
+    A zombie is dead: a killed run whose parent died too waits for an init that may be slow (or, in
+    a container, never) to reap it, and its leftovers must not wait with it."""
     if pid <= 0:
         return True
     try:
@@ -242,7 +245,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            state = handle.read().rpartition(")")[2].split()[:1]
+    except OSError:
+        return True
+    return state != ["Z"]
 
 
 def _unescape_mountinfo(field_: str) -> str:

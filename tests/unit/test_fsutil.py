@@ -292,3 +292,19 @@ def test_dest_lock_is_exclusive(tmp_path: Path) -> None:
                 f"with fsutil.dest_lock({str(dest)!r}, wait=False) as held:\n    sys.exit(0 if held else 3)\n")
         assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ), check=False).returncode == 3
     assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ), check=False).returncode == 0
+
+
+def test_a_zombie_is_not_alive() -> None:
+    import time
+
+    proc = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # exited but not reaped: a zombie
+        with open(f"/proc/{proc.pid}/stat", encoding="utf-8") as handle:
+            if handle.read().rpartition(")")[2].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert fsutil.pid_alive(proc.pid) is False
+    proc.wait()
+    assert fsutil.pid_alive(proc.pid) is False
+    assert fsutil.pid_alive(os.getpid()) is True
