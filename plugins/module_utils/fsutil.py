@@ -330,6 +330,26 @@ def kill_processes_using(path: str, timeout: float = 10.0) -> list[str]:
     return list(killed.values())
 
 
+def dead_entries(parent: str, pattern: re.Pattern, dirs_only: bool = False) -> list[str]:
+    """Paths in ``parent`` whose name matches ``pattern`` (group 1: the PID of the run that made it)
+    and whose run is gone: what a killed run left for the next one to sweep. With ``dirs_only``
+    only real directories (not symlinks to one) count."""
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        if dirs_only and (os.path.islink(path) or not os.path.isdir(path)):
+            continue
+        found.append(path)
+    return found
+
+
 def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountinfo",
                 release: Optional[ReleaseFn] = None, kill: bool = False) -> Sweep:
     """Remove the workspaces and temporary files ``.<basename>.<what>-<pid>-*`` in ``parent`` whose
@@ -341,15 +361,7 @@ def sweep_stale(parent: str, basename: str, mountinfo: str = "/proc/self/mountin
     mounted files); so is one whose removal fails."""
     result = Sweep()
     pattern = re.compile(rf"\.{re.escape(basename)}\.[a-z0-9_]+-([0-9]+)-[^/]+")
-    try:
-        names = sorted(os.listdir(parent))
-    except (FileNotFoundError, NotADirectoryError):
-        return result
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match or pid_alive(int(match.group(1))):
-            continue
-        path = os.path.join(parent, name)
+    for path in dead_entries(parent, pattern):
         if os.path.isdir(path) and not os.path.islink(path):
             real = os.path.realpath(path)
             if kill:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, require_tool, which
-from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import pid_alive
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import dead_entries
 
 RO_PREFIX = "modulus-ro-"
 
@@ -231,17 +231,8 @@ def _loop_attached(dev: str) -> bool:
 def sweep_dead_dirs(parent: str, prefix: str, log: LogFn = no_log, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Directories ``<prefix><pid>-*`` in ``parent`` whose process is gone: their mounts released
     (``release_under``), then removed if nothing is mounted below any more. Returns what was removed."""
-    pattern = re.compile(re.escape(prefix) + r"([0-9]+)-[^/]+")
     removed = []
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.fullmatch(name)
-        path = os.path.join(parent, name)
-        if not match or pid_alive(int(match.group(1))) or os.path.islink(path) or not os.path.isdir(path):
-            continue
+    for path in dead_entries(parent, re.compile(re.escape(prefix) + r"([0-9]+)-[^/]+"), dirs_only=True):
         release_under(path, log, mountinfo)
         if mounts_under(path, mountinfo):
             log(f"kept {path}: still holds mounts")

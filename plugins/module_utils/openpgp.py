@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import require_tool, which
-from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import pid_alive
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import dead_entries
 
 ARMOR_HEADER = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
 HOME_PREFIX = "modulus-gnupg-"
@@ -137,24 +137,11 @@ def _day(ts: Optional[int]) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts)) if ts else "never"
 
 
-def _home_pid(name: str) -> Optional[int]:
-    match = _HOME_RE.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
 def sweep_homes(parent: str) -> list[str]:
     """Remove the private homes ``modulus-gnupg-<pid>-*`` in ``parent`` whose process is gone
     (a run killed before it could remove its own); return what was removed."""
     removed = []
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        return removed
-    for name in names:
-        pid = _home_pid(name)
-        path = os.path.join(parent, name)
-        if pid is None or pid_alive(pid) or os.path.islink(path) or not os.path.isdir(path):
-            continue
+    for path in dead_entries(parent, _HOME_RE, dirs_only=True):
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.exists(path):
             removed.append(path)

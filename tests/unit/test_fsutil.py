@@ -308,3 +308,22 @@ def test_a_zombie_is_not_alive() -> None:
     proc.wait()
     assert fsutil.pid_alive(proc.pid) is False
     assert fsutil.pid_alive(os.getpid()) is True
+
+
+def test_dead_entries_names_only_what_dead_runs_left(tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f"modulus-x-{gone.pid}-a").mkdir()
+    (tmp_path / f"modulus-x-{os.getpid()}-b").mkdir()  # alive: this test
+    (tmp_path / f"modulus-x-{gone.pid}-f").write_text("")  # a file, not a directory
+    (tmp_path / f"modulus-x-{gone.pid}-l").symlink_to(tmp_path / f"modulus-x-{gone.pid}-a")
+    (tmp_path / "other").mkdir()
+    pattern = re.compile(r"modulus-x-([0-9]+)-[^/]+")
+    names = [os.path.basename(p) for p in fsutil.dead_entries(str(tmp_path), pattern)]
+    assert names == [f"modulus-x-{gone.pid}-a", f"modulus-x-{gone.pid}-f", f"modulus-x-{gone.pid}-l"]
+    dirs = [os.path.basename(p) for p in fsutil.dead_entries(str(tmp_path), pattern, dirs_only=True)]
+    assert dirs == [f"modulus-x-{gone.pid}-a"]
+    assert fsutil.dead_entries(str(tmp_path / "missing"), pattern) == []
