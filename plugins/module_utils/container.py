@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, require_tool, which
-from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import make_staging, pid_alive, sweep_stale
+from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import (
+    dead_entries,
+    make_staging,
+    sweep_stale,
+)
 from ansible_collections.modulus.kmods.plugins.module_utils.gpt import root_partition
 from ansible_collections.modulus.kmods.plugins.module_utils.imagecache import image_lock
 from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack, mounts_under, release_under
@@ -251,16 +255,10 @@ def sweep_workspaces(parent: Optional[str], log: LogFn = no_log) -> list[str]:
     devices clear themselves), then removed. Returns what was removed."""
     parent = parent or tempfile.gettempdir()
     pattern = re.compile(r"\." + re.escape(WORKSPACE_NAME) + r"\.run-([0-9]+)-[^/]+")
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        names = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match and not pid_alive(int(match.group(1))):
-            killed = kill_workspace_users(os.path.join(parent, name))
-            if killed:
-                log("killed what still ran in {}: PIDs {}".format(name, ", ".join(map(str, killed))))
+    for path in dead_entries(parent, pattern, dirs_only=True):
+        killed = kill_workspace_users(path)
+        if killed:
+            log("killed what still ran in {}: PIDs {}".format(os.path.basename(path), ", ".join(map(str, killed))))
     sweep = sweep_stale(parent, WORKSPACE_NAME, release=lambda path: release_under(path, log), kill=True)
     for line in sweep.lines():
         log(line)
