@@ -20,7 +20,6 @@ from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
     no_log,
     parse_env_file,
-    require_tool,
     which,
 )
 from ansible_collections.modulus.kmods.plugins.module_utils.identity import (
@@ -369,11 +368,6 @@ def read_usr(device: str, log: LogFn = no_log) -> UsrPartition:
         return _usr_from_tree(device, lambda rel: _read(os.path.join(mnt, rel)), listing)
 
 
-def read_usr_version(device: str, log: LogFn = no_log) -> str:
-    """Version in the os-release of a USR partition."""
-    return read_usr(device, log).version
-
-
 def not_booted_usr(host_root: str, current: str, log: LogFn = no_log) -> Optional[UsrPartition]:
     """The USR partition the host does not run from (where update_engine writes an update), or None
     when it cannot be told apart or found."""
@@ -516,7 +510,3 @@ def host_targets(host_root: str = "/", update_engine_client: Optional[list[str]]
 
 def arch_of_board(board: str) -> str:
     return ARCH_OF_BOARD.get(board, board.split("-", 1)[0])
-
-
-def require_debugfs() -> str:
-    return require_tool("debugfs")
