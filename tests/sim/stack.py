@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,13 +61,13 @@ class Fleet:
     """Everything a role run needs, started in ``start()`` and released in ``stop()``."""
 
     def __init__(self, work: str | os.PathLike[str], hosts: list[str], *, drivers: Optional[list[dict]] = None,
-                 update: str = "need_reboot", bucket: str = "gpu-fleet-kmods", prefix: str = "flatcar",
+                 update: str = "need_reboot", bucket: str = "", prefix: str = "flatcar",
                  extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False) -> None:
         self.work = Path(work).resolve()
         self.hosts = list(hosts)
         self.drivers = drivers if drivers is not None else [dict(HELLO_DRIVER)]
         self.update = update
-        self.bucket = bucket
+        self.bucket = bucket or f"gpu-fleet-{uuid.uuid4().hex[:8]}"
         self.prefix = prefix
         self.extra_vars = dict(extra_vars or {})
         # Delete what an earlier run left below the prefix (a shared endpoint, $MODULUS_TEST_S3_ENDPOINT,
