@@ -67,7 +67,13 @@ lint: $(VENV)/.installed collection
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production
 
-test: lint sanity units integration
+test: lint sanity units integration molecule
+
+# The role end to end under Molecule (extensions/molecule), against the simulated fleet (tests/sim/stack.py):
+# "default" (one host: converge, idempotence, verify) and "fleet" (four hosts, one store, one compile).
+.PHONY: molecule
+molecule: need-root sim
+	$(BIN)/molecule test --all
 
 demo: deps sim
 	$(BIN)/python -m sim.demo

@@ -67,15 +67,21 @@ class BootResult:
     timed_out: bool
 
 
-def recipe(mirror: str) -> dict:
-    return {"version": BOOTED_RECIPE_VERSION, "suite": SUITE, "packages": list(PACKAGES), "mirror": mirror}
+def recipe(mirror: str, extra_packages: tuple[str, ...] = ()) -> dict:
+    rec = {"version": BOOTED_RECIPE_VERSION, "suite": SUITE, "packages": list(PACKAGES), "mirror": mirror}
+    if extra_packages:  # only then: the default root keeps its recipe (and its cache)
+        rec["extra_packages"] = sorted(extra_packages)
+    return rec
 
 
 def booted_root(cache_dir: str | os.PathLike[str] | None = None, mirror: str | None = None,
-                log=lambda msg: None) -> BootedRoot:
-    """The cached systemd root (built on first use, ~35 s of debootstrap; a second process waits)."""
+                log=lambda msg: None, extra_packages: tuple[str, ...] = ()) -> BootedRoot:
+    """The cached systemd root (built on first use, ~35 s of debootstrap; a second process waits).
+    ``extra_packages`` are installed too (a root of its own recipe, e.g. ``("git",)`` for ansible-pull)."""
     mirror = mirror or os.environ.get("MODULUS_SIM_MIRROR") or DEFAULT_MIRROR
-    key = hashlib.sha256(json.dumps(recipe(mirror), sort_keys=True).encode()).hexdigest()[:16]
+    rec = recipe(mirror, tuple(extra_packages))
+    packages = list(PACKAGES) + sorted(extra_packages)
+    key = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
     base = cache_root(cache_dir)
     final = base / f"booted-{key}"
     done = final / "rootfs" / ".modulus-booted-done"
@@ -91,18 +97,18 @@ def booted_root(cache_dir: str | os.PathLike[str] | None = None, mirror: str | N
         _rmtree(work)
         work.mkdir(parents=True)
         rootfs = work / "rootfs"
-        log(f"debootstrap {SUITE} with {', '.join(PACKAGES)} -> {rootfs}")
+        log(f"debootstrap {SUITE} with {', '.join(packages)} -> {rootfs}")
         debs = base / "debs"
         debs.mkdir(parents=True, exist_ok=True)
         try:
-            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), f"--cache-dir={debs}",
+            _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), f"--cache-dir={debs}",
                   "--components=main", SUITE, str(rootfs), mirror], "debootstrap of the booted container",
                  log_file=work / "debootstrap.log", timeout=3600)
         finally:
             umount_below(rootfs)
         dress(rootfs)
-        (rootfs / ".modulus-booted-done").write_text(json.dumps(recipe(mirror)) + "\n")
-        (work / "recipe.json").write_text(json.dumps(recipe(mirror), indent=2) + "\n")
+        (rootfs / ".modulus-booted-done").write_text(json.dumps(rec) + "\n")
+        (work / "recipe.json").write_text(json.dumps(rec, indent=2) + "\n")
         _rmtree(final)
         os.rename(work, final)
     return BootedRoot(final / "rootfs", key)
