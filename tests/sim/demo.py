@@ -118,6 +118,9 @@ def main() -> int:
         print(f"  store: {len(keys)} objects", flush=True)
         for k in keys:
             print(f"    s3://{fleet.bucket}/{k}")
+        if all(b["source"] == "local" for root in roots
+               for b in json.loads((root / "var/lib/modulus/last-run.json").read_text())["builds"]):
+            print("  (the demo's S3 endpoint keeps nothing between runs: hosts that hold a build push it to an empty store)")
         image_gets = [r for r in fleet.devcontainer_requests() if r[1].endswith(".bin.bz2")]
         print(f"  developer container downloads in this run: {len(image_gets)}", flush=True)
         print(f"demo: done; everything the demo wrote is under {work} (run `make demo` again: nothing is compiled"
