@@ -173,6 +173,7 @@ class Fleet:
             # A simulated host cannot load modules into this machine's kernel (a QEMU test does that).
             "modulus_load": False,
             "modulus_become": False,
+            "modulus_python_mode": "none",
             "modulus_lock_poll": 2,
             **self.extra_vars,
         }

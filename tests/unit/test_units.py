@@ -1,0 +1,252 @@
+"""The pull units (roles/modulus/tasks/units.yml): rendered by the role into a host root, checked with
+``systemd-analyze verify``; the scripts they run (modulus-pull, modulus-update-watch,
+modulus-bootstrap-python) on their own with ``sh``.
+
+The watcher is run against the simulation kit's ``update_engine_client`` (the real ``-status``
+format for each update state); ``systemctl`` is replaced by a recorder (MODULUS_SYSTEMCTL) because
+no systemd runs here: tests/integration/test_pull_unit.py runs the same units under a booted systemd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sim.kit import update_engine_client_script, update_engine_status_text
+
+REPO = Path(__file__).resolve().parents[2]
+FILES = REPO / "roles" / "modulus" / "files"
+UNITS = ["modulus@.service", "modulus-pending@.service", "modulus-update-watch.service",
+         "modulus-update-watch.timer", "modulus-update-dbus.service"]
+PLAYBOOK = """- hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: modulus.kmods.modulus
+        tasks_from: units
+"""
+
+
+def run_units(tmp_path: Path, extra: dict) -> subprocess.CompletedProcess:
+    pb = tmp_path / "units.yml"
+    pb.write_text(PLAYBOOK)
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / ".ansible" / "tmp"))
+    args = {"ansible_python_interpreter": sys.executable, **extra}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", str(pb),
+                           "-e", json.dumps(args)], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("units")
+    root = tmp / "root"
+    root.mkdir()
+    proc = run_units(tmp, {
+        "modulus_host_root": str(root),
+        "modulus_drivers": [{"name": "nvidia", "version": "535.104.05"}, {"name": "modulus-hello", "version": "1.0.0"}],
+        "modulus_store": "s3://fleet/flatcar",
+        "modulus_pull_repo": "https://git.example.com/ops/modulus.git?ref=a b&x=$y",
+        "modulus_store_options": {"endpoint_url": "http://127.0.0.1:9000"},
+        "modulus_pull_env": {"AWS_ACCESS_KEY_ID": "AKIA\"$x`y\\z", "AWS_SECRET_ACCESS_KEY": "s e c"},
+        "modulus_pull_extra_args": ["-v", "--tags", "a b"],
+        "modulus_pip_packages": ["ansible-core==2.19.14", "boto3"],
+        "modulus_units_watch_interval": "90s",
+        "modulus_shutdown_build_timeout": 600,
+    })
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return root
+
+
+def test_the_role_installs_units_scripts_and_settings(rendered: Path) -> None:
+    units = rendered / "etc/systemd/system"
+    assert sorted(p.name for p in units.iterdir()) == sorted(UNITS)
+    for name in ("modulus-bootstrap-python", "modulus-pull", "modulus-update-watch"):
+        path = rendered / "opt/modulus/bin" / name
+        assert path.read_bytes() == (FILES / (name + ".sh" if name == "modulus-bootstrap-python" else name)).read_bytes()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((rendered / "etc/modulus/env").stat().st_mode) == 0o600
+    assert stat.S_IMODE((rendered / "etc/modulus/vars.yml").stat().st_mode) == 0o600
+    assert stat.S_IMODE((rendered / "etc/modulus/pull.env").stat().st_mode) == 0o644
+    svc = (units / "modulus@.service").read_text()
+    for line in ("Type=oneshot", "RemainAfterExit=yes", "EnvironmentFile=-/etc/modulus/env",
+                 "After=network-online.target update-engine.service systemd-sysext.service",
+                 "ExecStartPre=/opt/modulus/bin/modulus-bootstrap-python",
+                 "ExecStart=/opt/modulus/bin/modulus-pull run %i", "ExecStop=/opt/modulus/bin/modulus-pull shutdown %i",
+                 "TimeoutStopSec=660", "StandardOutput=journal", "WantedBy=multi-user.target"):
+        assert line in svc.splitlines(), line
+    timer = (units / "modulus-update-watch.timer").read_text()
+    assert "OnUnitActiveSec=90s" in timer.splitlines() and "OnBootSec=90s" in timer.splitlines()
+    assert (rendered / "etc/modulus/pull.args").read_text().splitlines() == ["-v", "--tags", "a b"]
+    import yaml
+    pull_vars = yaml.safe_load((rendered / "etc/modulus/vars.yml").read_text())
+    assert pull_vars["modulus_store"] == "s3://fleet/flatcar"
+    assert pull_vars["modulus_store_options"] == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert [d["name"] for d in pull_vars["modulus_drivers"]] == ["nvidia", "modulus-hello"]
+    assert not any(k.startswith(("modulus_pull_", "modulus_units_", "modulus_python_", "modulus_host_root"))
+                   for k in pull_vars)
+    # nothing of systemd was touched: the host root is not /
+    assert not (rendered / "etc/systemd/system/multi-user.target.wants").exists()
+
+
+def _sourced(path: Path, names: list[str]) -> dict[str, str]:
+    script = f". '{path}'\n" + "".join(f'printf "%s\\0" "${n}"\n' for n in names)
+    out = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout.decode()
+    return dict(zip(names, out.split("\0")[:-1]))
+
+
+def test_env_files_keep_every_character(rendered: Path) -> None:
+    env = _sourced(rendered / "etc/modulus/env", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+    assert env == {"AWS_ACCESS_KEY_ID": "AKIA\"$x`y\\z", "AWS_SECRET_ACCESS_KEY": "s e c"}
+    pull = _sourced(rendered / "etc/modulus/pull.env", ["MODULUS_PULL_REPO", "MODULUS_PIP_PACKAGES", "MODULUS_PYTHON_MODE"])
+    assert pull == {"MODULUS_PULL_REPO": "https://git.example.com/ops/modulus.git?ref=a b&x=$y",
+                    "MODULUS_PIP_PACKAGES": "ansible-core==2.19.14 boto3", "MODULUS_PYTHON_MODE": "auto"}
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze (Debian package systemd) is needed")
+def test_rendered_units_pass_systemd_analyze_verify(rendered: Path, tmp_path: Path) -> None:
+    # verify resolves every Exec path: point them at the scripts the role installed in the host root
+    for name in UNITS:
+        text = (rendered / "etc/systemd/system" / name).read_text()
+        text = text.replace("/opt/modulus/bin/", f"{rendered}/opt/modulus/bin/").replace("/etc/modulus/", f"{rendered}/etc/modulus/")
+        (tmp_path / name).write_text(text)
+    shutil.copy(tmp_path / "modulus@.service", tmp_path / "modulus@nvidia-535.104.05.service")
+    shutil.copy(tmp_path / "modulus-pending@.service", tmp_path / "modulus-pending@nvidia-535.104.05.service")
+    files = sorted(str(p) for p in tmp_path.iterdir() if "@." not in p.name)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no", *files],
+                          capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+    # and verify does catch a broken unit (the check can fail)
+    broken = tmp_path / "modulus@nvidia-535.104.05.service"
+    broken.write_text(broken.read_text().replace("Type=oneshot", "Type=oneshto"))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no", str(broken)],
+                          capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert "Failed to parse service type" in proc.stdout + proc.stderr
+
+
+def test_a_watch_interval_over_5_minutes_is_refused(tmp_path: Path) -> None:
+    proc = run_units(tmp_path, {"modulus_host_root": str(tmp_path), "modulus_units_watch_interval": "10min",
+                                "modulus_drivers": [{"name": "nvidia", "version": "535.104.05"}]})
+    assert proc.returncode != 0 and "modulus_units_watch_interval" in proc.stdout, proc.stdout[-3000:]
+    assert not (tmp_path / "etc/systemd/system").exists()
+
+
+@pytest.mark.parametrize(("instance", "expected"), [
+    ("nvidia-535.104.05", "nvidia 535.104.05"),
+    ("modulus-hello-1.0.0", "modulus-hello 1.0.0"),
+    ("nvidia-open-570.86.10", "nvidia-open 570.86.10"),
+    ("a-1-2", "a 1-2"),
+    ("foo-2bar:1.0", "foo-2bar 1.0"),
+])
+def test_instance_names(instance: str, expected: str) -> None:
+    out = subprocess.run(["sh", str(FILES / "modulus-pull"), "parse", instance], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("instance", ["nvidia", "nvidia-", "-1.0", "x/y-1.0", "nvidia-535;rm"])
+def test_bad_instance_names_are_refused(instance: str) -> None:
+    out = subprocess.run(["sh", str(FILES / "modulus-pull"), "parse", instance], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "instance name" in out.stderr, out.stderr
+
+
+def _watch_env(tmp_path: Path, update: str) -> dict[str, str]:
+    uec = tmp_path / "update_engine_client"
+    uec.write_text(update_engine_client_script(update_engine_status_text(update, "9001.2.0", 486539264, 1700000000),
+                                               tmp_path / "calls"))
+    uec.chmod(0o755)
+    rec = tmp_path / "systemctl"
+    rec.write_text(f"#!/bin/sh\necho \"$*\" >> '{tmp_path}/systemctl.calls'\n")
+    rec.chmod(0o755)
+    units = tmp_path / "units"
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for inst in ("nvidia-535.104.05", "modulus-hello-1.0.0"):
+        link = wants / f"modulus@{inst}.service"
+        if not link.is_symlink():
+            link.symlink_to("/etc/systemd/system/modulus@.service")
+    return dict(os.environ, MODULUS_UPDATE_ENGINE_CLIENT=str(uec), MODULUS_SYSTEMCTL=str(rec),
+                MODULUS_STATE_DIR=str(tmp_path / "state"), MODULUS_UNITS_DIR=str(units))
+
+
+def _starts(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "systemctl.calls"
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return sorted(line for line in lines if line.startswith("start"))
+
+
+@pytest.mark.parametrize("update", ["idle", "downloading"])
+def test_the_watcher_does_nothing_without_an_installed_update(tmp_path: Path, update: str) -> None:
+    subprocess.run(["sh", str(FILES / "modulus-update-watch"), "check"], env=_watch_env(tmp_path, update), check=True)
+    assert _starts(tmp_path) == []
+
+
+@pytest.mark.parametrize(("update", "version"), [("need_reboot", "9001.2.0"), ("need_reboot_zero", "0.0.0")])
+def test_the_watcher_starts_each_pending_run_once(tmp_path: Path, update: str, version: str) -> None:
+    env = _watch_env(tmp_path, update)
+    subprocess.run(["sh", str(FILES / "modulus-update-watch"), "check"], env=env, check=True)
+    assert _starts(tmp_path) == ["start --no-block modulus-pending@modulus-hello-1.0.0.service",
+                                 "start --no-block modulus-pending@nvidia-535.104.05.service"]
+    # a pending run that finished for this boot and this version is not started again
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "nvidia-535.104.05.pending").write_text(f"{boot} {version}\n")
+    subprocess.run(["sh", str(FILES / "modulus-update-watch"), "check"], env=env, check=True)
+    assert _starts(tmp_path) == ["start --no-block modulus-pending@modulus-hello-1.0.0.service"]
+
+
+BOOTSTRAP = FILES / "modulus-bootstrap-python.sh"
+
+
+def _bootstrap(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(BOOTSTRAP), f"MODULUS_PYTHON_PREFIX={tmp_path}/python", *args],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PATH="/usr/bin:/bin"), check=False)
+
+
+def test_bootstrap_mode_none_leaves_python_alone(tmp_path: Path) -> None:
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=none")
+    assert res.returncode == 0 and res.stdout.strip() == "MODULUS_BOOTSTRAP_CHANGED=0"
+    assert not (tmp_path / "python").exists()
+
+
+def test_bootstrap_refuses_bad_settings(tmp_path: Path) -> None:
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=conda")
+    assert res.returncode != 0 and "must be auto, sysext, portable or none" in res.stderr
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=portable", "MODULUS_PYTHON_URL=file:///nonexistent.tar.gz")
+    assert res.returncode != 0 and "MODULUS_PYTHON_SHA256 is empty" in res.stderr
+    res = _bootstrap(tmp_path, "--mode=portable")
+    assert res.returncode == 2 and "unknown argument" in res.stderr
+
+
+def test_bootstrap_refuses_a_tarball_with_another_checksum(tmp_path: Path) -> None:
+    tarball = tmp_path / "python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo("python/bin/python3")
+        data = b"#!/bin/sh\necho planted\n"
+        info.size, info.mode = len(data), 0o755
+        import io
+        tar.addfile(info, io.BytesIO(data))
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=portable", f"MODULUS_PYTHON_URL=file://{tarball}",
+                     f"MODULUS_PYTHON_SHA256={wrong}")
+    assert res.returncode != 0 and "refused" in res.stderr and wrong in res.stderr, res.stderr
+    # nothing was unpacked or left behind but the (empty) prefix and its lock
+    assert sorted(p.name for p in (tmp_path / "python").iterdir()) == [".bootstrap.lock"]
+
+
+def test_scripts_are_posix_sh() -> None:
+    for name in ("modulus-bootstrap-python.sh", "modulus-pull", "modulus-update-watch"):
+        subprocess.run(["sh", "-n", str(FILES / name)], check=True)
+        if shutil.which("shellcheck"):
+            proc = subprocess.run(["shellcheck", "-s", "sh", str(FILES / name)], capture_output=True, text=True, check=False)
+            assert proc.returncode == 0, proc.stdout
