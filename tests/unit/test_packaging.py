@@ -153,3 +153,26 @@ def test_changelog_fragments_lint() -> None:
     for args in (["lint"], ["lint-changelog-yaml", "changelogs/changelog.yaml"]):
         res = _run([cmd, *args], cwd=REPO)
         assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
+def test_installed_role_documented(installed: tuple[Path, dict[str, str]]) -> None:
+    """``ansible-doc -t role`` renders every variable of the role's argument spec from the installed copy."""
+    _coll, env = installed
+    res = _run([_tool("ansible-doc"), "-t", "role", "--json", "modulus.kmods.modulus"], env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    options = json.loads(res.stdout)["modulus.kmods.modulus"]["entry_points"]["main"]["options"]
+    specs = yaml.safe_load((REPO / "roles/modulus/meta/argument_specs.yml").read_text())
+    assert set(options) == set(specs["argument_specs"]["main"]["options"])
+    defaults = yaml.safe_load((REPO / "roles/modulus/defaults/main.yml").read_text())
+    # every default the role ships is a documented option, with the same default
+    for name, value in defaults.items():
+        assert name in options, name
+        assert options[name].get("default") == value, (name, options[name].get("default"), value)
+
+
+@pytest.mark.parametrize("playbook", ["modulus.kmods.site", "modulus.kmods.pull", "modulus.kmods.bootstrap"])
+def test_installed_playbooks_parse(installed: tuple[Path, dict[str, str]], playbook: str, tmp_path: Path) -> None:
+    """The playbooks run by name from the installed collection (``ansible-playbook modulus.kmods.site``)."""
+    _coll, env = installed
+    res = _run([_tool("ansible-playbook"), "-i", "localhost,", "--syntax-check", playbook], env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
