@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Optional
 
 from sim.booted import BootedRoot, booted_root
-from sim.kit import Kit, _locked, _rmtree, cache_root, update_engine_client_script, update_engine_status_text
+from sim.kit import (
+    Kit,
+    _locked,
+    _rmtree,
+    cache_root,
+    sha256_file,
+    update_engine_client_script,
+    update_engine_status_text,
+)
 
 PORTABLE_RECIPE_VERSION = "1"
 # glibc's own libraries: every host has them; everything else an extension module needs is bundled
@@ -47,14 +55,6 @@ SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "site-packages", "lib
 def pull_root(log=lambda msg: None) -> BootedRoot:
     """The booted root with git (ansible-pull clones with it), cached like sim.booted's."""
     return booted_root(extra_packages=("git",), log=log)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _ldd(path: Path) -> list[Path]:
@@ -133,7 +133,7 @@ def portable_python(cache_dir: Optional[str] = None, log=lambda msg: None) -> tu
         with tarfile.open(out, "w:gz", compresslevel=6) as tar:
             tar.add(top, arcname="python")
         _rmtree(top)
-        (work / "sha256").write_text(_sha256(out) + "\n")
+        (work / "sha256").write_text(sha256_file(out) + "\n")
         (work / "recipe.json").write_text(json.dumps(rec, indent=2) + "\n")
         _rmtree(final)
         os.rename(work, final)
