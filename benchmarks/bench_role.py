@@ -58,7 +58,8 @@ def store_gets(fleet: Fleet, since: int) -> tuple[int, int]:
         if not m:
             continue
         gets += 1
-        size += s3.head_object(Bucket=m.group(1), Key=m.group(2))["ContentLength"]
+        if m.group(2).endswith(".tar.gz"):  # archives; leases and signatures are a few hundred bytes
+            size += s3.head_object(Bucket=m.group(1), Key=m.group(2))["ContentLength"]
     return (gets, size)
 
 
@@ -82,6 +83,7 @@ def run(fleet: Fleet, limit: str) -> dict:
 
 
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--driver", choices=["nvidia", "hello"], default="nvidia")
     ap.add_argument("--work", default=str(ROOT / "build" / "bench-role"))
@@ -94,6 +96,7 @@ def main() -> int:
         if fleet.moto is None:
             print("bench_role: note: a shared S3 endpoint ($MODULUS_TEST_S3_ENDPOINT) hides store byte counts; unset it")
         cold = run(fleet, "cold")
+        print(f"cold: {cold['seconds']} s", flush=True)
         warm = run(fleet, "warm")
         noop = run(fleet, "cold")
     print(f"\n{args.driver} {driver['version']}, current and pending release, per host:")
