@@ -54,7 +54,7 @@ def store_gets(fleet: Fleet, since: int) -> tuple[int, int]:
     s3 = client(fleet.endpoint)
     gets = size = 0
     for line in fleet.moto.request_lines()[since:]:
-        m = re.search(r'"GET /([^/ ?]+)/([^ ?]+) HTTP/[0-9.]+" 20[06]', line)
+        m = re.search(r'"GET /([^/ ?]+)/([^ ?]+)(?:\?[^ ]*)? HTTP/[0-9.]+" 20[06]', line)
         if not m:
             continue
         gets += 1

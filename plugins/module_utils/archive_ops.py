@@ -296,7 +296,8 @@ def pull(dest: str, store: Optional[Store], ident: dict[str, Optional[str]], cha
                     if now is not None and mf.manifest_sha256(now) == mf.manifest_sha256(local):
                         _record(dest, now, store, info.key, info.sha256, info.size,
                                 now.get("archive", {}).get("manifest_sha256") or mf.manifest_sha256(now), sig, local_fp)
-        return kept("dest already holds this build (verified)%s" % ("; not in the store" if info is None else ""))
+        return kept("dest already holds this build (verified)%s" % ("; not in the store" if info is None else ""),
+                    in_store=info is not None)
     if info is None:
         raise StoreError("store {} has no archive for {}{}".format(
             store.url, key, " (nor the original tool's {})".format(ar.legacy_key(

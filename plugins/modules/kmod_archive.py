@@ -320,6 +320,12 @@ dest:
   description: The directory holding the fetched build.
   returned: O(state=fetched)
   type: str
+in_store:
+  description:
+    - With O(state=fetched), whether the store holds the build that O(dest) already held, as the remote check
+      found (O(remote_check=true)). A host can push what the store lacks (O(state=present)).
+  returned: when O(dest) already held the verified build and the store was checked
+  type: bool
 remote_error:
   description:
     - With O(state=fetched), why the store could not be checked while O(dest) already held the verified
