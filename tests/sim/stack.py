@@ -129,23 +129,19 @@ class Fleet:
     def host_root(self, name: str) -> Path:
         return Path((self.host_dir(name) / "root-path").read_text().strip())
 
-    def reset_host(self, name: str, *, keep_state: bool = True) -> Path:
-        """Lay out the host's root: release files, update_engine, USR partitions. With ``keep_state``,
-        what the role wrote below /opt, /var and /etc/modulus of an earlier layout is carried over (a
-        host keeps its disk); the developer container cache under /var/cache stays too."""
+    def reset_host(self, name: str) -> Path:
+        """The host's root: the one an earlier run laid out when it is still there (a host keeps its
+        disk: builds, images, caches), else a new one (release files, update_engine, USR partitions)."""
         assert self.kit is not None
         hdir = self._mkdir("hosts", name)
-        old = hdir / "root-path"
-        previous = Path(old.read_text().strip()) if old.exists() else None
-        if previous is not None and previous.exists() and keep_state:
-            return previous
-        if previous is not None and previous.exists():
-            shutil.rmtree(previous.parent, ignore_errors=True)
+        record = hdir / "root-path"
+        if record.exists() and Path(record.read_text().strip()).exists():
+            return Path(record.read_text().strip())
         layout = hdir / "layout"
         shutil.rmtree(layout, ignore_errors=True)
         layout.mkdir()
         root = self.kit.host_root(layout, update=self.update)
-        old.write_text(str(root) + "\n")
+        record.write_text(str(root) + "\n")
         return root
 
     def devcontainer_requests(self) -> list[tuple[str, str, int]]:
