@@ -28,6 +28,7 @@ import fnmatch
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -106,6 +107,100 @@ def wait_for(condition: Callable[[], T], timeout: float, *, interval: float = 0.
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- held builds
+
+HELD, GO = "held", "go"
+# Read by make in the container before anything is compiled: say so (``held`` beside the Kbuild),
+# then wait until the test says ``go`` (or kills the run). ``$(src)`` is the absolute module
+# directory (``M=``) in kbuild; the Kbuild is read more than once per build, every read waits.
+HOLD_KBUILD = ("# sim.faults.HeldSource: announce the build, then wait for the test's go\n"
+               f"$(shell touch $(src)/{HELD}; while [ ! -e $(src)/{GO} ]; do sleep 0.05; done)\n")
+
+
+@dataclass
+class HeldSource:
+    """A copy of a Kbuild module source (kmod_build's generic recipe) whose every build is held.
+
+    kmod_build copies the source to ``<dest parent>/.<dest>.build-*/work/src`` on the host, which is
+    bind-mounted read-write into the container; when ``make`` reads the Kbuild there it creates
+    ``held`` in that copy and blocks until ``go`` appears beside it. So a test knows the container
+    is running the build (``wait_held``), and decides when it goes on (``release``) or is killed."""
+    path: Path
+
+    @classmethod
+    def make(cls, src: Path, dest: Path) -> HeldSource:
+        """Copy the module source ``src`` to ``dest`` and prepend the hold to its Kbuild."""
+        shutil.copytree(src, dest, symlinks=True)
+        kbuild = Path(dest) / "Kbuild"
+        kbuild.write_text(HOLD_KBUILD + kbuild.read_text())
+        return cls(Path(dest))
+
+    @staticmethod
+    def held(parent: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+        """The build copies (``.../work/src``) in the kmod_build workspaces under ``parent`` that were
+        held (``held`` is there, ``go`` not yet), but those in ``exclude``: the workspace of a killed
+        run stays until the next run sweeps it."""
+        skip = {Path(p) for p in exclude}
+        return sorted(p.parent for p in Path(parent).glob(f".*.build-*/work/src/{HELD}")
+                      if not (p.parent / GO).exists() and p.parent not in skip)
+
+    def wait_held(self, parent: Path, run: ModuleRun, timeout: float = 600, exclude: Iterable[Path] = ()) -> Path:
+        """Wait until a build of ``run`` is held under ``parent`` (one not in ``exclude``); its copy."""
+        return wait_for(lambda: self.held(parent, exclude), timeout, run=run, what=f"a held build under {parent}")[0]
+
+    @staticmethod
+    def release(copy: Path) -> None:
+        """Let the held build of ``copy`` (from ``held``/``wait_held``) go on."""
+        (Path(copy) / GO).touch()
+
+
+@dataclass
+class HeldRun:
+    result: dict
+    output: str
+    held_for: float  # seconds from seeing the build held to releasing it: the run was alive all along
+    wall: float  # seconds from starting the module to its end, measured here
+
+
+def run_released(module: str, args: dict, source: HeldSource, parent: Path, *, tag_dir: Path,
+                 hold: float = 0.0, timeout: float = 600) -> HeldRun:
+    """Run ``module`` (whose build uses ``source``), wait until its build is held, keep it held
+    ``hold`` seconds more (so that the run certainly lasts that long), release it and return its result."""
+    killed = HeldSource.held(parent)
+    started = time.monotonic()
+    run = start_module(module, args, tag_dir=tag_dir)
+    try:
+        copy = source.wait_held(parent, run, timeout=timeout, exclude=killed)
+        seen = time.monotonic()
+        time.sleep(hold)
+        held_for = time.monotonic() - seen  # before the release: the run cannot end earlier
+        source.release(copy)
+        result = run.result(timeout=timeout)
+    finally:
+        if run.proc.poll() is None:
+            kill_tree(run)
+    return HeldRun(result, run.output(), held_for, time.monotonic() - started)
+
+
+def run_without_build(module: str, args: dict, parent: Path, *, tag_dir: Path,
+                      timeout: float = 600) -> tuple[dict, str, float]:
+    """Run ``module``, whose build would be held (``HeldSource``), when no build must start (up to
+    date, a known failure): (result, output, wall seconds). A build held under ``parent`` fails the
+    call at once (the run is killed) instead of waiting forever."""
+    killed = HeldSource.held(parent)
+    started = time.monotonic()
+    run = start_module(module, args, tag_dir=tag_dir)
+    try:
+        wait_for(lambda: run.proc.poll() is not None or HeldSource.held(parent, killed), timeout,
+                 what="the end of the run")
+        held = HeldSource.held(parent, killed)
+    finally:
+        if run.proc.poll() is None:
+            kill_tree(run)
+    assert not held, f"a build started: make was held in {held}\n{run.output()[-3000:]}"
+    return run.result(), run.output(), time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- processes
