@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sim import faults
 from sim.kit import (
     IMAGE_NAME,
     ROOT_OFFSET,
@@ -183,10 +184,15 @@ def test_kit_releases_are_two_kernels(kit: Kit) -> None:
 
 
 def test_rebuild_is_a_cache_hit(kit: Kit) -> None:
-    t0 = time.monotonic()
-    again = Kit.build(cache_dir=kit.cache_dir)
-    assert time.monotonic() - t0 < 10
+    files = [kit.root / "kit.json"] + [p for rel in kit.releases.values()
+                                       for p in (rel.image_bz2, rel.image_raw, rel.digests_asc)]
+    before = [(st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in files)]
+    logs: list[str] = []
+    again = Kit.build(cache_dir=kit.cache_dir, log=logs.append)
     assert again.root == kit.root and again.key.fingerprint == kit.key.fingerprint
+    # nothing was built or rebuilt (that says so in the log), nothing rewritten
+    assert logs == []
+    assert [(st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in files)] == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,18 +454,35 @@ def test_version_txt_and_status_texts() -> None:
 def test_build_lock_serializes_processes(tmp_path: Path) -> None:
     """Kit.build holds this lock while building: a second process waits for the first."""
     lock = tmp_path / ".kit-x.lock"
+    # the holder keeps the lock until it reads a line
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from sim.kit import _locked\n"
+         "import sys; from sim.kit import _locked\n"
          f"with _locked(__import__('pathlib').Path({str(lock)!r})):\n"
-         "    print('held', flush=True); time.sleep(1.5)\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
+         "    print('held', flush=True); sys.stdin.readline(); print('releasing', flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    events: list[str] = []
+
+    def second() -> None:
         with _locked(lock):
-            waited = time.monotonic() - t0
-        assert waited > 0.5
+            events.append("acquired")
+
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=second, daemon=True)
+        waiter.start()
+        # the second taker blocks in flock() (had the lock not held, it would have it by now)
+        faults.wait_for(lambda: events or faults.in_syscall(os.getpid(), ["flock"], tid=waiter.native_id),
+                        timeout=60, what="the second taker of the lock")
+        assert events == []
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "releasing"
+        waiter.join(timeout=60)
+        assert events == ["acquired"]
     finally:
+        holder.stdin.close()
         holder.wait(timeout=10)
     assert holder.returncode == 0

@@ -27,6 +27,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -313,6 +314,29 @@ def _parents() -> dict[int, int]:
             if stat:
                 out[int(name)] = int(stat[stat.rfind(b")") + 2:].split()[1])
     return out
+
+
+# the numbers of the few system calls the tests look for a process blocked in, by machine
+SYSCALLS = {"x86_64": {"nanosleep": 35, "clock_nanosleep": 230, "flock": 73},
+            "aarch64": {"nanosleep": 101, "clock_nanosleep": 115, "flock": 32}}
+SLEEPS = ("nanosleep", "clock_nanosleep")  # Python's time.sleep, sleep(1)
+
+
+def in_syscall(pid: int, names: Iterable[str], tid: Optional[int] = None) -> bool:
+    """Whether process ``pid`` (its thread ``tid``) is blocked in one of the system calls ``names``
+    right now (``/proc/<pid>/syscall`` names the call a blocked task is in, "running" otherwise)."""
+    table = SYSCALLS[platform.machine()]
+    wanted = {table[n] for n in names}
+    path = f"/proc/{pid}/syscall" if tid is None else f"/proc/{pid}/task/{tid}/syscall"
+    call = _read(path).split(maxsplit=1)
+    return bool(call) and call[0].isdigit() and int(call[0]) in wanted
+
+
+def sleeping(run: ModuleRun, cmdline: str) -> list[Proc]:
+    """The run's processes whose command line contains ``cmdline`` and that are blocked in a sleep
+    right now: e.g. a module in the poll sleep of a wait, which it enters only once it has looked
+    and found it must wait."""
+    return [p for p in processes_referencing([], [run.tag]) if cmdline in p.cmdline and in_syscall(p.pid, SLEEPS)]
 
 
 def kill_tree(run: ModuleRun, dirs: Iterable[Path] = (), timeout: float = 30) -> list[Proc]:
