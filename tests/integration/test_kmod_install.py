@@ -10,19 +10,16 @@ mode and diff, pruning, and a run killed in the middle followed by a rerun.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
-from sim import ansible_run
+from sim import ansible_run, faults
 from sim.kit import Kit, cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,8 +226,8 @@ def test_tree_on_legacy_coreos(kit: Kit, host_root_factory, hello) -> None:
 # --------------------------------------------------------------------------- killed half-way
 
 
-def big_build(src: Path, dest: Path, mb: int = 96) -> Path:
-    """The hello build plus a large library, so making the image takes long enough to be killed."""
+def big_build(src: Path, dest: Path, mb: int = 4) -> Path:
+    """The hello build plus a library of ``mb`` MiB of random bytes."""
     shutil.copytree(src, dest, symlinks=True)
     with open(dest / "lib" / "libbig.so.1", "wb") as fh:
         fh.write(os.urandom(mb << 20))
@@ -240,46 +237,20 @@ def big_build(src: Path, dest: Path, mb: int = 96) -> Path:
     return dest
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Ansible's worker and module processes do not all stay in
-    the process group of the ``ansible`` command)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        out.append(cur)
-        todo += children.get(cur, [])
-    return out
-
-
 def test_killed_in_the_middle_then_rerun(kit: Kit, host_root_factory, hello, tmp_path: Path) -> None:
     src = big_build(hello["current"], tmp_path / "big")
     root = host_root_factory()
     args = {"src": str(src), "host_root": str(root), "sysext_format": "squashfs"}
-    proc = subprocess.Popen(ansible_run.module_cmd("modulus.kmods.kmod_install", args), env=ansible_run.ansible_env(),
-                            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stage = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
+    # mksquashfs makes the image in the run's staging directory, then holds the run there
+    hold = faults.ToolHold.make(tmp_path / "bin", "mksquashfs")
+    run = faults.start_module("modulus.kmods.kmod_install", args, tag_dir=tmp_path / "run", env=hold.env())
+    try:
+        faults.wait_for(hold.held, timeout=120, run=run, what="the image made by mksquashfs")
         found = list((root / "var/lib").glob(".modulus-modulus-hello-9001.1.0.sysext-*"))
-        if found and (found[0] / "image.raw").exists():
-            stage = found[0]
-            break
-        time.sleep(0.05)
-    assert stage is not None, "the run finished before it could be killed"
-    for pid in descendants(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(0.5)
+        assert len(found) == 1 and (found[0] / "image.raw").is_file(), found
+        stage = found[0]
+    finally:
+        faults.kill_tree(run, dirs=[run.tag_dir, root])  # every process of the run is gone when it returns
     img = root / "var/lib/extensions/modulus-modulus-hello-9001.1.0.raw"
     assert not img.exists(), "a half-made image is visible"
     res, text = install(args)

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -183,6 +184,39 @@ def run_released(module: str, args: dict, source: HeldSource, parent: Path, *, t
         if run.proc.poll() is None:
             kill_tree(run)
     return HeldRun(result, run.output(), held_for, time.monotonic() - started)
+
+
+@dataclass
+class ToolHold:
+    """A stand-in for an executable, first on the PATH of a module run (``env()``): it runs the real
+    one, then creates ``held`` in its directory and waits until ``go`` appears there (``release``)
+    or it is killed. The test knows the tool's work is done and the module waits for it."""
+    directory: Path
+    tool: str
+
+    @classmethod
+    def make(cls, directory: Path, tool: str) -> ToolHold:
+        real = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+        if real is None:
+            raise FileNotFoundError(f"{tool} is not installed")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        script = directory / tool
+        script.write_text(f"#!/bin/sh\n# sim.faults.ToolHold: {real}, then wait for the test's go\n"
+                          f"{shlex.quote(real)} \"$@\" || exit $?\n"
+                          f"touch {shlex.quote(str(directory / HELD))}\n"
+                          f"while [ ! -e {shlex.quote(str(directory / GO))} ]; do sleep 0.05; done\n")
+        script.chmod(0o755)
+        return cls(directory, tool)
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": f"{self.directory}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+    def held(self) -> bool:
+        return (self.directory / HELD).exists() and not (self.directory / GO).exists()
+
+    def release(self) -> None:
+        (self.directory / GO).touch()
 
 
 def run_without_build(module: str, args: dict, parent: Path, *, tag_dir: Path,
