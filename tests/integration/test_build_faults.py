@@ -87,7 +87,7 @@ def stalling_http(root: Path, stall: Callable[[str], bool]) -> Iterator[tuple[st
     stop = threading.Event()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def copyfile(self, source, outputfile) -> None:  # noqa: ANN001 - the http.server API
+        def copyfile(self, source, outputfile) -> None:  # the http.server API
             if state["stall"] and self.command == "GET" and stall(self.path):
                 data = source.read()
                 outputfile.write(data[: len(data) // 2])

@@ -248,11 +248,26 @@ def test_unknown_update_engine_state_is_refused_with_its_raw_text(tmp_path: Path
         fr.resolve_release("pending", str(root))
 
 
-def test_a_hung_update_engine_client_is_killed_with_its_children(tmp_path: Path) -> None:
+def test_a_hung_update_engine_client_is_killed_with_its_children(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pidfile = tmp_path / "child.pid"
     script = write(tmp_path, "uec", f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n", mode=0o755)
+
+    class Started(subprocess.Popen):
+        """The client's timeout runs from the moment it has started its child (it wrote the pid file),
+        however long the machine takes to get there."""
+
+        def communicate(self, input=None, timeout=None):  # Popen's signature
+            if timeout is not None and self.args[0] == str(script):
+                while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
+                    assert self.poll() is None, "the client ended before it started its child"
+                    time.sleep(0.01)
+            return super().communicate(input, timeout)
+
+    monkeypatch.setattr(fr.subprocess, "Popen", Started)
     with pytest.raises(fr.ReleaseError, match="did not answer within 0.5 s"):
         fr.query_update_engine([str(script)], timeout=0.5)
+    monkeypatch.undo()
     child = int(pidfile.read_text())
 
     def gone() -> bool:
