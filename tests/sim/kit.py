@@ -793,6 +793,8 @@ class ReleaseServer:
         self._extra: dict[str, bytes | Path] = {}  # add_file(): URL path -> content or file
         self.hits: list[str] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        # when set, each request is also appended to this file as a JSON line, before it is answered
+        self.request_log: Optional[Path] = None
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -912,6 +914,9 @@ class ReleaseServer:
         with self._lock:
             self.hits.append(path)
             self.requests.append((method, path, status))
+            if self.request_log is not None:
+                with open(self.request_log, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"method": method, "path": path, "status": status}) + "\n")
 
     # routing
     def resolve(self, path: str) -> Optional[Path]:

@@ -227,30 +227,20 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     with fleet:
+        # the detached server's memory is out of reach of the tests (``Fleet.devcontainer_requests()``
+        # works in-process only): it writes each request to the log before answering it, so a client
+        # that got an answer finds its request there
         log = fleet.work / REQUEST_LOG
         log.unlink(missing_ok=True)
-        logged = 0
+        assert fleet.server is not None
+        fleet.server.request_log = log
         (fleet.work / STATE).write_text(json.dumps({**fleet.state(), "pid": os.getpid(), "request_log": str(log)},
                                                       indent=2))
         print(f"sim.stack: fleet of {len(fleet.hosts)} up, inventory {fleet.work / 'inventory'}", flush=True)
         while not stop["now"]:
-            logged = _log_requests(fleet, log, logged)
-            time.sleep(0.5)
-        _log_requests(fleet, log, logged)
+            time.sleep(0.5)  # until SIGTERM or SIGINT
     (fleet.work / STATE).unlink(missing_ok=True)
     return 0
-
-
-def _log_requests(fleet: Fleet, log: Path, logged: int) -> int:
-    """Append the release server's requests not yet in ``log`` (the detached server's memory is out of
-    reach of the tests: ``Fleet.devcontainer_requests()`` works in-process only). Returns the new count."""
-    assert fleet.server is not None
-    new = list(fleet.server.requests[logged:])
-    if new:
-        with open(log, "a", encoding="utf-8") as fh:
-            for method, path, status in new:
-                fh.write(json.dumps({"method": method, "path": path, "status": status}) + "\n")
-    return logged + len(new)
 
 
 def _up(args: argparse.Namespace) -> int:
