@@ -19,6 +19,12 @@ the tree; ``kill_tree`` therefore also scans /proc. A run is recognised by its *
 process below it inherit it). ``processes_referencing`` finds processes whose environment holds the
 tag, or whose cmdline, cwd or root names one of the given directories: also those that left the
 session (daemons such as gpg-agent call ``setsid``).
+
+A test acts at a moment the run under test has certainly reached, never after a sleep: a build
+is held in make until the test lets it go or kills it (``HeldSource``, ``run_released``,
+``run_without_build``), a tool on the run's PATH finishes its work and waits (``ToolHold``), or
+the test sees a process blocked in a given system call (``in_syscall``, ``sleeping``: a waiter in
+its poll sleep).
 """
 
 from __future__ import annotations
