@@ -499,3 +499,52 @@ def test_build_lock_serializes_processes(tmp_path: Path) -> None:
     finally:
         holder.wait(timeout=10)
     assert holder.returncode == 0
+
+
+# ---- the commands of a stock Flatcar host (sim.hosttools) ------------------------------------------
+
+STOCK_HAS = ("sh", "bash", "systemd-nspawn", "systemd-sysext", "systemd-dissect", "losetup", "mount", "depmod",
+             "modprobe", "btrfs", "debugfs", "gpg", "gpgv", "lbzip2", "xz", "zstd", "tar", "git", "curl", "which")
+STOCK_LACKS = ("mksquashfs", "gcc", "cc", "make", "python3", "python", "perl")
+
+
+def _command_v(names: tuple[str, ...], host_tools: str | None) -> dict[str, str]:
+    """``command -v`` of each name, run by the ansible.builtin.shell module the way the tests run modules."""
+    from sim import ansible_run
+
+    script = "; ".join(f"printf 'cmd:%s=%s\\n' {n} \"$(command -v {n})\"" for n in names)
+    proc = subprocess.run(ansible_run.module_cmd("ansible.builtin.shell", {"cmd": script}),
+                          env=ansible_run.ansible_env(host_tools), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "CHANGED | rc=0" in proc.stdout, proc.stdout + proc.stderr
+    return dict(line[4:].split("=", 1) for line in proc.stdout.splitlines() if line.startswith("cmd:"))
+
+
+@pytest.mark.parametrize("variant", ["stable", "main"])
+def test_modules_run_with_the_commands_of_a_stock_host(variant: str) -> None:
+    from sim import hosttools
+
+    found = _command_v(STOCK_HAS + STOCK_LACKS + ("mkfs.erofs",), variant)
+    root = str(hosttools.tools_dir(variant))
+    for name in STOCK_HAS:
+        assert found[name].startswith(root + "/"), (name, found[name])
+    for name in STOCK_LACKS:
+        assert found[name] == "", (name, found[name])
+    assert bool(found["mkfs.erofs"]) == (variant == "main")
+    assert os.path.realpath(found["sh"]) == os.path.realpath(shutil.which("bash") or "/bin/bash")  # Flatcar's sh is bash
+
+
+def test_the_machine_path_is_only_an_explicit_opt_out() -> None:
+    found = _command_v(("mksquashfs",), None)
+    assert found["mksquashfs"] and "hosttools-" not in found["mksquashfs"]
+
+
+def test_module_which_does_not_escape_the_stock_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection's which() adds the usual sbin/bin directories only to a PATH without sbin."""
+    from ansible_collections.modulus.kmods.plugins.module_utils.common import which
+    from sim import hosttools
+
+    monkeypatch.setenv("PATH", hosttools.host_path("stable"))
+    assert which("mksquashfs") is None and which("mkfs.erofs") is None and which("gcc") is None
+    assert which("mkfs.btrfs") and which("debugfs")
+    monkeypatch.setenv("PATH", hosttools.host_path("main"))
+    assert which("mkfs.erofs")

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
+from sim.hosttools import DEFAULT_VARIANT, host_env
 from sim.kit import Kit, KitError
 from sim.s3 import ENV_ENDPOINT, TEST_KEY_ID, TEST_SECRET, MotoServer, client
 
@@ -62,8 +63,12 @@ class Fleet:
 
     def __init__(self, work: str | os.PathLike[str], hosts: list[str], *, drivers: Optional[list[dict]] = None,
                  update: str = "need_reboot", bucket: str = "", prefix: str = "flatcar",
-                 extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False) -> None:
+                 extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False,
+                 host_tools: Optional[str] = DEFAULT_VARIANT) -> None:
         self.work = Path(work).resolve()
+        # The PATH of ansible-playbook and so of every module on the simulated hosts (local
+        # connection): a stock Flatcar host's commands (sim.hosttools), "main" for a newer release.
+        self.host_tools = host_tools
         self.hosts = list(hosts)
         self.drivers = drivers if drivers is not None else [dict(HELLO_DRIVER)]
         self.update = update
@@ -192,7 +197,7 @@ class Fleet:
 
     # ---- running the role -----------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = host_env(dict(os.environ), self.host_tools)
         env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "collections"))
         env["ANSIBLE_LOCALHOST_WARNING"] = "false"
         env["ANSIBLE_INVENTORY_UNPARSED_WARNING"] = "false"
