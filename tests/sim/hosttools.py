@@ -198,7 +198,7 @@ def resolve(variant: str = DEFAULT_VARIANT) -> dict[str, str]:
     return links
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tools_dir(variant: str = DEFAULT_VARIANT) -> Path:
     """The directory of ``variant`` (built once, atomically; cached under the kit cache)."""
     links = resolve(variant)

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
-from sim.hosttools import DEFAULT_VARIANT, host_env
+from sim.hosttools import DEFAULT_VARIANT, host_env, host_path
 from sim.kit import Kit, KitError
 from sim.s3 import ENV_ENDPOINT, TEST_KEY_ID, TEST_SECRET, MotoServer, client
 
@@ -176,6 +176,9 @@ class Fleet:
             "modulus_become": False,
             "modulus_python_mode": "none",
             "modulus_lock_poll": 2,
+            # The PATH of a stock Flatcar host (sim.hosttools): Molecule's converge sets it for the play;
+            # Fleet.playbook() runs ansible-playbook itself with it.
+            **({"sim_host_path": host_path(self.host_tools)} if self.host_tools else {}),
             **self.extra_vars,
         }
 

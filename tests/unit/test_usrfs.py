@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,6 @@ def test_btrfs_tree_reads_files_lists_dirs_and_skips_symlinks(tmp_path: Path, mo
     assert usrfs.fs_type(str(img)) == "btrfs"
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
     with usrfs.BtrfsTree(str(img), fr.USR_RELEASE_FILES, dirs=("lib/modules",)) as read:
         assert read.read_text("lib/os-release") == "ID=flatcar\nVERSION_ID=4593.2.4\n"
@@ -80,9 +80,9 @@ def test_btrfs_tree_reads_files_lists_dirs_and_skips_symlinks(tmp_path: Path, mo
 def test_btrfs_restore_failure_is_reported(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_bytes(b"\0" * (1 << 20))
-    with pytest.raises(usrfs.UsrReadError, match="btrfs restore of .* failed"):
-        with usrfs.BtrfsTree(str(bad), ["lib/os-release"]):
-            pass
+    with pytest.raises(usrfs.UsrReadError, match="btrfs restore of .* failed"), \
+            usrfs.BtrfsTree(str(bad), ["lib/os-release"]):
+        pass
 
 
 def test_a_never_written_partition_is_named_as_such(tmp_path: Path) -> None:
