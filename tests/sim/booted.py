@@ -161,12 +161,15 @@ def _probe_files(merged: Path, probe: str) -> None:
 
 def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, Path] | None = None,
          probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None,
-         copy_in: dict[str, Path] | None = None) -> BootResult:
+         copy_in: dict[str, Path] | None = None, copy_root: bool = False) -> BootResult:
     """Boot the root once on a fresh overlay with ``os_release`` as its ``/etc/os-release`` and
     ``/usr/lib/os-release``, the directory ``extensions`` (name -> directory) in
     ``/var/lib/extensions``, and ``probe`` run after systemd-sysext; returns when it powered off.
     ``copy_in`` (absolute path in the container -> file or directory here) is copied into the root
-    first: e.g. a kit kernel's module tree at ``/usr/lib/modules/<kver>`` (the Debian root has none)."""
+    first: e.g. a kit kernel's module tree at ``/usr/lib/modules/<kver>`` (the Debian root has none).
+    ``copy_root``: boot a copy of the root (``cp -a``, a few seconds) instead of an overlay on it, so
+    ``/usr`` is no overlay before systemd-sysext's: the kernel stacks at most two overlays, and
+    Flatcar's kmod helper mounts one more on the merged ``/usr/lib/modules/<kver>``."""
     from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack
 
     nspawn = shutil.which("systemd-nspawn") or "/usr/bin/systemd-nspawn"
@@ -176,7 +179,11 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
         out.mkdir()
         ovl = work / "ovl"
         ovl.mkdir()
-        merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
+        if copy_root:
+            merged = ovl / "root"
+            _run(["cp", "-a", str(root.path), str(merged)], "copying the booted root")
+        else:
+            merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
         text = _os_release_text(os_release)
         for rel in ("etc/os-release", "usr/lib/os-release"):
             target = merged / rel

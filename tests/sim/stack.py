@@ -226,7 +226,8 @@ class Fleet:
 def _serve(args: argparse.Namespace) -> int:
     drivers = json.loads(args.drivers) if args.drivers else None
     fleet = Fleet(args.work, args.hosts.split(","), drivers=drivers, bucket=args.bucket, prefix=args.prefix,
-                  extra_vars=json.loads(args.extra_vars) if args.extra_vars else None, clean_store=args.clean_store)
+                  extra_vars=json.loads(args.extra_vars) if args.extra_vars else None, clean_store=args.clean_store,
+                  host_tools=None if args.host_tools == "machine" else args.host_tools)
     stop = {"now": False}
 
     def _term(*_: object) -> None:
@@ -274,7 +275,8 @@ def _up(args: argparse.Namespace) -> int:
         argv += ["--drivers", args.drivers]
     if args.extra_vars:
         argv += ["--extra-vars", args.extra_vars]
-    argv += ["--bucket", args.bucket, "--prefix", args.prefix] + (["--clean-store"] if args.clean_store else [])
+    argv += ["--bucket", args.bucket, "--prefix", args.prefix, "--host-tools", args.host_tools] \
+        + (["--clean-store"] if args.clean_store else [])
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=str(REPO))
     deadline = time.monotonic() + args.timeout
@@ -332,6 +334,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--clean-store", action="store_true",
                        help="delete every object below the prefix first (a shared endpoint keeps them between runs)")
         p.add_argument("--timeout", type=float, default=900.0)
+        p.add_argument("--host-tools", default=DEFAULT_VARIANT, choices=["stable", "main", "machine"],
+                       help="the commands of the simulated hosts: a stock stable Flatcar host's (default), a newer "
+                            "release's (mkfs.erofs too), or this machine's")
     p = sub.add_parser("down")
     p.add_argument("--work", required=True)
     p.add_argument("--purge", action="store_true", help="also remove the work directory")
