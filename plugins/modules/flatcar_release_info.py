@@ -16,8 +16,8 @@ description:
   - The pending release is the one update_engine has installed and the host boots into after the next
     reboot (C(CURRENT_OP=UPDATE_STATUS_UPDATED_NEED_REBOOT)). Its version comes from update_engine, or
     from the not-booted USR partition when update_engine reports C(NEW_VERSION=0.0.0), and its kernel
-    from that partition's C(lib/modules/), read without mounting it: btrfs (Flatcar since 2021) with
-    C(btrfs restore), ext2 (older releases) with C(debugfs); mounted read-only only when that tool is missing.
+    from that partition's C(lib/modules/), read without mounting it (btrfs, Flatcar since 2021, with
+    C(btrfs restore); ext2 of older releases with C(debugfs)), mounted read-only only when that tool is missing.
   - Feed RV(targets) to M(modulus.kmods.kmod_archive) to look a build up in the fleet store, and only
     fetch the developer container with M(modulus.kmods.coreos_devcontainer) when a build is needed.
 author:
