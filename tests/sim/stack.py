@@ -58,17 +58,26 @@ def nvidia_driver() -> dict[str, Any]:
     return {"name": "nvidia", "version": run.version, "source": str(run.path), "checksum": f"sha256:{run.sha256}"}
 
 
+# The role's default image format (squashfs) needs mksquashfs, which no stock Flatcar host has
+# (sim.hosttools). Until the collection makes its images another way, role runs that install opt in
+# to a newer Flatcar host (mkfs.erofs, sim.hosttools "main") that makes erofs images:
+# ``Fleet(..., **UNTIL_IMAGE_FIX)``, ``python -m sim.stack up --host-tools main`` with
+# ``modulus_sysext_format: erofs``. Without it a fleet is a stock stable host.
+UNTIL_IMAGE_FIX: dict[str, Any] = {"host_tools": "main", "image_format": "erofs"}
+
+
 class Fleet:
     """Everything a role run needs, started in ``start()`` and released in ``stop()``."""
 
     def __init__(self, work: str | os.PathLike[str], hosts: list[str], *, drivers: Optional[list[dict]] = None,
                  update: str = "need_reboot", bucket: str = "", prefix: str = "flatcar",
                  extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False,
-                 host_tools: Optional[str] = DEFAULT_VARIANT) -> None:
+                 host_tools: Optional[str] = DEFAULT_VARIANT, image_format: Optional[str] = None) -> None:
         self.work = Path(work).resolve()
         # The PATH of ansible-playbook and so of every module on the simulated hosts (local
         # connection): a stock Flatcar host's commands (sim.hosttools), "main" for a newer release.
         self.host_tools = host_tools
+        self.image_format = image_format  # modulus_sysext_format of the fleet, when given
         self.hosts = list(hosts)
         self.drivers = drivers if drivers is not None else [dict(HELLO_DRIVER)]
         self.update = update
@@ -179,6 +188,7 @@ class Fleet:
             # The PATH of a stock Flatcar host (sim.hosttools): Molecule's converge sets it for the play;
             # Fleet.playbook() runs ansible-playbook itself with it.
             **({"sim_host_path": host_path(self.host_tools)} if self.host_tools else {}),
+            **({"modulus_sysext_format": self.image_format} if self.image_format else {}),
             **self.extra_vars,
         }
 
