@@ -7,7 +7,8 @@ index of its kernel (Debian's real module trees of 6.1.0-47 and 6.1.0-50 as the 
 systemd-sysext merges only the image whose ``VERSION_ID`` is the container's; ``modprobe -S <kver>
 --show-depends`` then resolves the build's module to the extension's file (``-S``: the container's
 ``uname -r`` is the machine's kernel, not the image's). Changing ``VERSION_ID`` and running
-``systemd-sysext refresh`` swaps to the other image.
+``systemd-sysext refresh`` swaps to the other image. Run on both booted roots: Debian bookworm
+(systemd 252) and trixie (systemd 257).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sim import ansible_run
-from sim.booted import boot, booted_root
+from sim.booted import SUITES, boot, booted_root
 from sim.kit import Kit
 from sim.qemu import kernel_dir
 
@@ -45,9 +46,10 @@ def images(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {p.name: p for p in sorted(ext.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def systemd_root():
-    return booted_root()
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def systemd_root(request: pytest.FixtureRequest):
+    """Each booted root: bookworm (systemd 252) and trixie (systemd 257)."""
+    return booted_root(suite=request.param)
 
 
 def test_only_the_matching_release_merges_and_refresh_swaps(kit: Kit, images: dict[str, Path], systemd_root) -> None:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from sim.ansible_run import REPO, ansible_env, module_cmd, parse_result
+from sim.hosttools import DEFAULT_VARIANT
 
 T = TypeVar("T")
 
@@ -84,13 +85,13 @@ class ModuleRun:
 
 
 def start_module(module: str, args: dict, *, tag_dir: Path, check: bool = False,
-                 env: Optional[dict[str, str]] = None) -> ModuleRun:
+                 env: Optional[dict[str, str]] = None, host_tools: Optional[str] = DEFAULT_VARIANT) -> ModuleRun:
     """Start ``ansible localhost -m module -a args`` in a new session; stdout+stderr go to a file in
     ``tag_dir``; ``TMPDIR`` is ``tag_dir/tmp`` (created) and ``MODULUS_FAULT_TAG`` a random tag."""
     tag_dir = Path(tag_dir)
     (tag_dir / "tmp").mkdir(parents=True, exist_ok=True)
     tag = "modulus-fault-" + secrets.token_hex(6)
-    full_env = ansible_env()
+    full_env = ansible_env(host_tools)
     full_env.update({"TMPDIR": str(tag_dir / "tmp"), "MODULUS_FAULT_TAG": tag})
     if env:
         full_env.update(env)
