@@ -629,15 +629,17 @@ class Kit:
 
     def host_root(self, tmp: str | os.PathLike[str], update: str = "idle", legacy: bool = False, *,
                   etc_update_conf: dict[str, str] | str | None = None, group: str | None = None,
-                  server: str | None = None, booted: str = "A", release: str = "current") -> Path:
+                  server: str | None = None, booted: str = "A", release: str = "current",
+                  gpu: bool = False) -> Path:
         """A directory laid out like a Flatcar (or legacy CoreOS) host's / for the modules to read.
 
-        See tests/sim/README.md for every file. Returns the new root (a fresh directory under ``tmp``).
+        See tests/sim/README.md for every file. ``gpu``: an NVIDIA GPU on the host (sim.nvidia_service).
+        Returns the new root (a fresh directory under ``tmp``).
         """
         cur = self.releases[release]
         pend = self.releases.get("pending", cur)
         return make_host_root(Path(tmp), current=cur, pending=pend, update=update, legacy=legacy,
-                              etc_update_conf=etc_update_conf, group=group, server=server, booted=booted)
+                              etc_update_conf=etc_update_conf, group=group, server=server, booted=booted, gpu=gpu)
 
 
 RELEASE_FILES = (IMAGE_NAME, f"{IMAGE_NAME}.sig", f"{IMAGE_NAME}.DIGESTS", f"{IMAGE_NAME}.DIGESTS.asc", "version.txt",
@@ -1128,7 +1130,7 @@ def _kv(d: dict[str, str]) -> str:
 
 def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, update: str = "idle",
                    legacy: bool = False, etc_update_conf: dict[str, str] | str | None = None,
-                   group: str | None = None, server: str | None = None, booted: str = "A") -> Path:
+                   group: str | None = None, server: str | None = None, booted: str = "A", gpu: bool = False) -> Path:
     """Lay out a Flatcar (or legacy CoreOS) host root under a new directory in ``tmp``."""
     if update not in UPDATE_STATES:
         raise ValueError(f"update must be one of {', '.join(UPDATE_STATES)}, got {update!r}")
@@ -1183,4 +1185,10 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
         calls = root / "run/update_engine_client.calls"
         calls.parent.mkdir(parents=True, exist_ok=True)
         _write(root / "usr/bin/update_engine_client", update_engine_client_script(status, calls), mode=0o755)
+    if not legacy:  # every Flatcar image enables nvidia.service (x11-drivers/nvidia-drivers-service)
+        from sim import nvidia_service
+
+        nvidia_service.install(root)
+        if gpu:
+            nvidia_service.simulate_gpu(root)
     return root
