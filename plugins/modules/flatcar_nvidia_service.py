@@ -92,7 +92,10 @@ official:
   elements: dict
   sample: [{"entry": "nvidia-drivers-535", "file": "/etc/flatcar/enabled-sysext.conf", "line": 2}]
 unit:
-  description: C(shipped) (the release ships the unit), C(before) (C(absent), C(masked), C(link) or C(file) in C(/etc)), C(wants) (links in C(/etc) that pulled it in).
+  description:
+    - C(shipped) - the release ships the unit.
+    - C(before) - what C(/etc/systemd/system/nvidia.service) was - C(absent), C(masked), C(link) or C(file).
+    - C(wants) - links in C(/etc) that pulled the unit in.
   returned: always
   type: dict
 removed:
