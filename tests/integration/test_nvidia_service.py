@@ -140,7 +140,8 @@ def _boot_log(host: PullHost) -> tuple[list[str], str]:
     host.boot()
     try:
         show = host.sh("systemctl show -p LoadState -p ActiveState -p Result nvidia.service; "
-                       "echo; systemd-sysext status; echo; journalctl -b -u nvidia.service --no-pager -o cat | tail -n 40",
+                       "echo; systemd-sysext status; echo; journalctl -b -u nvidia.service --no-pager -o cat | tail -n 40; "
+                       "echo; journalctl -b -u modulus-load-nvidia.service --no-pager -o cat | tail -n 20",
                        check=False).stdout
     finally:
         host.poweroff()
@@ -194,5 +195,7 @@ def test_booted_host_before_and_after_the_role(kit: Kit, tmp_path: Path) -> None
         assert log3 == log2, log3[len(log2):]
         assert "LoadState=masked" in show3 and "ActiveState=inactive" in show3, show3
         assert f"modulus-nvidia-{cur.version}" in show3, show3
+        # modulus's own boot loader ran; it reads the machine's sysfs, sees no GPU and loads nothing
+        assert "no NVIDIA GPU (PCI vendor 10de) on this host: not loading" in show3, show3
         assert not (m / LD_CONF).exists()
         print(f"\nsetup-nvidia stand-in: boot 1 {len(log1)} log lines, boot 2 {len(new2)}, after the role 0")

@@ -24,6 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ansible_collections.modulus.kmods.plugins.module_utils.flatcar_release import in_root as hp
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import switch_symlink
 
 UNIT = "nvidia.service"
@@ -46,12 +47,6 @@ Runner = Callable[[list[str]], "tuple[int, str]"]
 
 class NvidiaServiceError(Exception):
     """A state modulus refuses to change: the message names the file and the entry."""
-
-
-def hp(host_root: str, path: str) -> str:
-    """``path`` (absolute, on the host) below ``host_root``."""
-    root = (host_root or "/").rstrip("/")
-    return root + path
 
 
 def _read(path: str) -> Optional[str]:
@@ -208,10 +203,10 @@ def unit_state(host_root: str) -> UnitState:
     else:
         kind = "absent"
     wants = []
-    prefix = hp(host_root, "")
+    base = hp(host_root, "/")
     for suffix in ("wants", "requires", "upholds"):
         for path in sorted(glob.glob(hp(host_root, f"/etc/systemd/system/*.{suffix}/{UNIT}"))):
-            wants.append(path[len(prefix):] if prefix else path)
+            wants.append("/" + os.path.relpath(path, base))
     return UnitState(shipped=os.path.lexists(hp(host_root, USR_UNIT)), etc=kind, wants=wants)
 
 
