@@ -154,8 +154,14 @@ def test_booted_host_before_and_after_the_role(kit: Kit, tmp_path: Path) -> None
     video = f"/opt/nvidia/current/usr/lib/modules/{cur.kernel}/video"
     with PullHost(pull_root(), tmp_path / "host", kit) as host:
         host.dress()
-        nvsvc.simulate_gpu(host.merged)
         m = host.merged
+
+        # boot 0, no GPU: the service runs and does nothing
+        log0, show0 = _boot_log(host)
+        assert log0 == ["setup-nvidia start", "setup-nvidia exit 0"], log0
+        assert "Result=success" in show0 and not (m / "opt/nvidia").exists(), show0
+        (m / nvsvc.LOG).unlink()
+        nvsvc.simulate_gpu(m)
 
         # boot 1: Flatcar's service "builds" its own driver and "loads" it
         log1, show1 = _boot_log(host)

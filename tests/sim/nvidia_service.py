@@ -123,7 +123,7 @@ sudo() {
 LSPCI_SCRIPT = r"""#!/bin/sh
 # modulus simulation kit: stand-in for lspci (tests/sim/nvidia_service.py). Prints the devices listed in
 # /etc/modulus-sim/pci-devices ("lspci -nn" lines), filtered by -d [vendor]:[device][:class].
-devices=/etc/modulus-sim/pci-devices
+devices=${MODULUS_SIM_PCI_DEVICES:-/etc/modulus-sim/pci-devices}  # the variable: for the kit's own tests
 filter="" numeric=0
 while [ $# -gt 0 ]; do
   case "$1" in
