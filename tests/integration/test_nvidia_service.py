@@ -10,6 +10,9 @@ Flatcar's own unit and setup-nvidia logic).
 - In a booted container (systemd-nspawn -b) with a simulated GPU, setup-nvidia runs at boot, "builds"
   and "loads" its own driver (its log says so), and on the next boot skips the build but loads again;
   after the role, a boot runs nothing of it and nothing loads a second driver.
+- On the host itself (host root ``/``, inside that booted container, with a portable Python) the
+  module's code masks the service with ``systemctl``, removes an ``/etc`` wants link with
+  ``systemctl disable`` and runs ``ldconfig``.
 
 The NVIDIA build is a fake one (tests/sim/kmod_archive_fixtures.py) put in the host's archive:
 nothing compiles.
@@ -30,7 +33,7 @@ import yaml
 from sim import nvidia_service as nvsvc
 from sim.kit import Kit
 from sim.kmod_archive_fixtures import IDENT, make_build
-from sim.pullhost import PullHost, pull_root
+from sim.pullhost import PullHost, portable_python, pull_root
 
 REPO = Path(__file__).resolve().parents[2]
 NVIDIA = {"name": "nvidia", "version": IDENT["driver_version"]}
@@ -207,3 +210,47 @@ def test_booted_host_before_and_after_the_role(kit: Kit, tmp_path: Path) -> None
         assert "insmod" not in show3, show3
         assert not (m / LD_CONF).exists()
         print(f"\nsetup-nvidia stand-in: boot 1 {len(log1)} log lines, boot 2 {len(new2)}, after the role 0")
+
+
+ENSURE = ("import json; from ansible_collections.modulus.kmods.plugins.module_utils._host import nvidia_service as ns; "
+          "r = ns.ensure('/'); print(json.dumps(dict(r.as_dict(), warnings=r.warnings)))")
+
+
+def test_on_the_host_itself_systemctl_masks(kit: Kit, tmp_path: Path) -> None:
+    tarball, _sha = portable_python()
+    binds = {"/opt/modulus-test/ansible_collections/modulus/kmods": REPO}
+    with PullHost(pull_root(), tmp_path / "host", kit, binds=binds) as host:
+        host.dress()
+        m = host.merged
+        nvsvc.simulate_gpu(m)
+        subprocess.run(["tar", "-xzf", str(tarball), "-C", str(m / "opt")], check=True)
+        # a link in /etc as an older release or an operator's "systemctl enable" leaves it
+        wants = m / "etc/systemd/system/multi-user.target.wants/nvidia.service"
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        wants.symlink_to("/usr/lib/systemd/system/nvidia.service")
+        host.boot()
+        try:
+            assert any(line.startswith("insmod ") for line in nvsvc.log_lines(m))
+            assert (m / LD_CONF).exists()
+            py = "PYTHONPATH=/opt/modulus-test /opt/python/bin/python3 -c " + subprocess.list2cmdline([ENSURE])
+            first = json.loads(host.sh(py).stdout)
+            state = host.sh("systemctl is-enabled nvidia.service; systemctl show -p LoadState --value nvidia.service",
+                            check=False).stdout.split()
+            second = json.loads(host.sh(py).stdout)
+        finally:
+            host.poweroff()
+        assert first["changed"] and first["masked"] and first["warnings"] == [], first
+        assert first["removed"] == ["/etc/systemd/system/multi-user.target.wants/nvidia.service", "/" + LD_CONF], first
+        assert first["ld_so_conf"]["ldconfig"] is True, first
+        assert state == ["masked", "masked"], state
+        assert os.readlink(m / MASK) == "/dev/null" and not os.path.lexists(wants) and not (m / LD_CONF).exists()
+        assert not second["changed"] and second["actions"] == [], second
+        before = nvsvc.log_lines(m)
+        host.boot()
+        try:
+            shown = host.sh("systemctl show -p LoadState -p ActiveState nvidia.service").stdout
+        finally:
+            host.poweroff()
+        assert "LoadState=masked" in shown and "ActiveState=inactive" in shown, shown
+        assert nvsvc.log_lines(m) == before
+
