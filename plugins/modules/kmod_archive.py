@@ -32,7 +32,7 @@ description:
     expiring after O(lock_ttl) seconds; a stale lease is taken over with a compare-and-swap.
   - Its holder is named by the machine, C(<hostname>/<id>), the ID derived from C(/etc/machine-id) (see O(lock_owner)),
     and each acquisition by a random token (RV(lock.token)). The holder renews the lease while it works
-    (O(state=held)), so the TTL can be short: a holder that died loses its lease within O(lock_ttl) seconds.
+    (O(state=held)), so the TTL can be short; a holder that died loses its lease within O(lock_ttl) seconds.
 author:
   - modulus contributors (@modulus)
 extends_documentation_fragment:
@@ -420,9 +420,9 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
 from ansible_collections.modulus.kmods.plugins.module_utils import identity as idm
-from ansible_collections.modulus.kmods.plugins.module_utils.archive import ArchiveError
 from ansible_collections.modulus.kmods.plugins.module_utils._archive import hold as hd
 from ansible_collections.modulus.kmods.plugins.module_utils._host import machine
+from ansible_collections.modulus.kmods.plugins.module_utils.archive import ArchiveError
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import (
     STORE_ARGUMENT_SPEC,
     StoreError,
