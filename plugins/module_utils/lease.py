@@ -79,10 +79,19 @@ def acquire(store: Store, key: str, owner: str, ttl: float, wait: float, poll: f
     start = clock()
     holder: Optional[dict[str, Any]] = None
     token = new_token()
+
+    def won(result: LeaseResult) -> LeaseResult:
+        """The holder we waited for may have pushed and released just before we took the lease: then
+        there is nothing to do, and the lease goes back at once."""
+        if done is not None and done():
+            release(store, key, owner, token)
+            return LeaseResult(False, result.holder, clock() - start, done=True)
+        return result
+
     for _attempt in range(MAX_ATTEMPTS):
         now = clock()
         if store.create_exclusive(key, lease_body(owner, ttl, now, token)):
-            return LeaseResult(True, None, now - start, token=token, expires=now + ttl)
+            return won(LeaseResult(True, holder, now - start, token=token, expires=now + ttl))
         current = store.read_small(key)
         if current is None:
             continue  # released between our create and our read: try again at once
@@ -90,11 +99,11 @@ def acquire(store: Store, key: str, owner: str, ttl: float, wait: float, poll: f
         holder = parse_lease(data)
         if holder.get("owner") == owner:
             if store.replace_if_match(key, lease_body(owner, ttl, now, token), etag):
-                return LeaseResult(True, holder, now - start, renewed=True, token=token, expires=now + ttl)
+                return won(LeaseResult(True, holder, now - start, renewed=True, token=token, expires=now + ttl))
             continue
         if expires_at(holder) < now:
             if store.replace_if_match(key, lease_body(owner, ttl, now, token), etag):
-                return LeaseResult(True, holder, now - start, took_over=True, token=token, expires=now + ttl)
+                return won(LeaseResult(True, holder, now - start, took_over=True, token=token, expires=now + ttl))
             continue  # somebody else changed it first: look again
         if done is not None and done():
             return LeaseResult(False, holder, clock() - start, done=True)

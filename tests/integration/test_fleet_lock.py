@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 HELLO = REPO / "tests" / "fixtures" / "hello"
 DRIVER = "modulus-hello"
-TTL, WAIT, POLL = 20, 120, 1
+TTL, WAIT, POLL = 20, 900, 1  # lock_wait: far longer than a compile on a busy machine
 HOLD = "$(shell touch $(src)/held; while [ ! -e $(src)/go ]; do sleep 0.05; done)\n"
 IMAGE = "flatcar_developer_container.bin.bz2"
 
@@ -245,6 +245,14 @@ def test_one_host_compiles_the_other_pulls_and_takes_over_from_a_killed_holder(
         [rebuilt] = taker.record()
         assert rebuilt["source"] == "built" and rebuilt["pushed"] and rebuilt["driver_version"] == "2.0.0", rebuilt
         assert lease(endpoint, bucket) is None
+        # the killed host's next run pulls what the other pushed, and sweeps what the kill left (the
+        # workspace of its compile, with the developer container's mounts)
+        assert faults.mounts_under([victim.root]), "the kill left the compile's mounts (else it was not mid-compile)"
+        out = finish(victim.start_pull("2.0.0", "after"))
+        [after] = victim.record()
+        assert after["source"] == "pulled", (after, out[-3000:])
+        assert faults.mounts_under([victim.root]) == [] and faults.loops_backed_by([victim.root]) == []
+        assert not list((victim.root / "opt/modulus/archive").rglob(".*.build-*"))
         keys = [o["Key"] for o in client(endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
         assert len([k for k in keys if k.endswith(".tar.gz")]) == 2, keys
         figures.update({

@@ -116,7 +116,7 @@ def test_four_concurrent_processes_one_gets_the_lock(endpoint: str) -> None:
     assert all(r["lock"]["holder"]["owner"] == owner for r in results if not r["lock"]["acquired"])
     # a loser asking again with a bounded wait gives up after about that long
     started = time.monotonic()
-    loser, _ = run(dict(args, lock_owner="host-late", lock_wait=2, lock_poll=0.5))
+    loser, _ = run(dict(args, lock_owner="host-late", lock_ttl=1, lock_wait=2, lock_poll=0.5))
     assert not loser["lock"]["acquired"] and 2 <= time.monotonic() - started < 60
     # only the holder can release it
     other, _ = run(dict(args, state="unlocked", lock_owner="host-late"))
@@ -125,12 +125,18 @@ def test_four_concurrent_processes_one_gets_the_lock(endpoint: str) -> None:
     assert mine["changed"] and mine["lock"]["released"]
 
 
+def test_lock_wait_must_outlast_the_ttl(endpoint: str) -> None:
+    bucket = new_bucket(endpoint)
+    res, out = run(dict(s3_args(endpoint, bucket), state="locked", lock_owner="a", lock_ttl=300, lock_wait=120, **NAMING))
+    assert res["failed"] and "lock_wait=120 must be longer than lock_ttl=300" in res["msg"], out
+
+
 def test_lock_waits_until_the_build_appears(endpoint: str, tmp_path: Path) -> None:
     bucket = new_bucket(endpoint)
     args = dict(s3_args(endpoint, bucket), state="locked", **NAMING)
     first, _ = run(dict(args, lock_owner="builder"))
     assert first["lock"]["acquired"]
-    waiter = subprocess.Popen(module_cmd(dict(args, lock_owner="waiter", lock_wait=120, lock_poll=0.5)),
+    waiter = subprocess.Popen(module_cmd(dict(args, lock_owner="waiter", lock_ttl=60, lock_wait=120, lock_poll=0.5)),
                               env=ansible_run.ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
     src = make_build(tmp_path / "src")
