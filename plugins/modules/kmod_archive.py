@@ -195,7 +195,7 @@ options:
   lock_wait:
     description:
       - Seconds O(state=locked) waits for another holder to release the lock or push the build.
-      - When not 0, it must be longer than O(lock_ttl): a holder that died keeps its lease up to O(lock_ttl) seconds.
+      - When not 0, it must be longer than O(lock_ttl), since a holder that died keeps its lease up to O(lock_ttl) seconds.
     type: int
     default: 0
   lock_poll:
