@@ -467,8 +467,9 @@ def held(store: Optional[Store], ident: dict[str, Optional[str]], owner: str, to
     key = ar.archive_key(ident)
     watch = hd.watch_job(job_file)  # checks the job's name first
     if store is None or not store.supports_lock or check_mode:
-        return _result(False, store, key=key, lock={"job": None, "lost": False, "renewals": 0, "holder": None,
-                                                     "key": None if store is None else ar.lease_key(key)})
+        nothing = {"job": None, "lost": False, "renewals": 0, "holder": None,
+                   "key": None if store is None else ar.lease_key(key)}
+        return _result(False, store, key=key, lock=nothing)
     lkey = ar.lease_key(key)
     res = hd.hold(store, lkey, owner, token, ttl, watch, parent_alive=hd.parent_watch())
     res.update(key=lkey, owner=owner)

@@ -31,7 +31,7 @@ description:
   - The fleet lock is a lease object beside the archive, created with a conditional write and
     expiring after O(lock_ttl) seconds; a stale lease is taken over with a compare-and-swap.
   - Its holder is named by the machine, C(<hostname>/<id>), the ID derived from C(/etc/machine-id) (see O(lock_owner)),
-    and each acquisition by a random token (RV(lock.token)). The holder renews the lease while it works
+    and each acquisition by a random token (C(token) in RV(lock)). The holder renews the lease while it works
     (O(state=held)), so the TTL can be short; a holder that died loses its lease within O(lock_ttl) seconds.
 author:
   - modulus contributors (@modulus)
@@ -47,7 +47,7 @@ options:
       - V(locked) takes the fleet lock for the build, unless the archive already exists; waits at most
         O(lock_wait) seconds for another holder to finish. Read RV(lock) to decide what to do.
       - V(held) renews the lock taken by O(lock_owner) with O(lock_token) every third of O(lock_ttl) for as long
-        as the async task whose results file is O(job) runs, then returns (RV(lock.job) says how the job ended).
+        as the async task whose results file is O(job) runs, then returns (C(job) in RV(lock) says how the job ended).
       - V(unlocked) releases the lock taken by O(lock_owner) (with O(lock_token) when given), only when the
         lease is still that one, unchanged.
     type: str
@@ -174,7 +174,7 @@ options:
     type: str
   lock_token:
     description:
-      - With O(state=held) (required) and O(state=unlocked), the token RV(lock.token) of the O(state=locked)
+      - With O(state=held) (required) and O(state=unlocked), the token (C(token) in RV(lock)) of the O(state=locked)
         task that took the lock. A lease with another token (taken over, or taken again by another run on the
         same machine) is neither renewed nor released.
     type: str

@@ -103,7 +103,7 @@ def test_renewal_keeps_the_lease_and_a_stopped_holder_lapses_within_one_ttl(stor
     clock = Clock()
     mine = ls.acquire(store, KEY, "a/1", ttl=30, wait=0, clock=clock, sleep=clock.sleep)
     assert mine.acquired and mine.token and mine.expires == clock.now + 30
-    for _ in range(10):  # renewed every third of the TTL: nobody can take it over
+    for _round in range(10):  # renewed every third of the TTL: nobody can take it over
         clock.now += 10
         assert ls.renew(store, KEY, "a/1", mine.token, 30, clock)["renewed"]
         other = ls.acquire(store, KEY, "b/2", ttl=30, wait=0, clock=clock, sleep=clock.sleep)
