@@ -1185,6 +1185,10 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
         _write(etc_dir / "update.conf", text)
     (root / "usr/lib/modules" / current.kernel).mkdir(parents=True, exist_ok=True)
     _write(root / "proc/sys/kernel/osrelease", current.kernel + "\n")
+    # who the machine is: systemd writes a random machine ID at the first boot; a Flatcar host that no
+    # DHCP server or cloud names is "localhost" (Flatcar ships no /etc/hostname)
+    _write(root / "etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
+    _write(root / "proc/sys/kernel/hostname", "localhost\n")
 
     # the two /usr partitions and the kernel command line naming the booted one
     written = update in ("need_reboot", "need_reboot_zero")

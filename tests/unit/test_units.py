@@ -77,7 +77,8 @@ def test_the_role_installs_units_scripts_and_settings(rendered: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert stat.S_IMODE((rendered / "etc/modulus/env").stat().st_mode) == 0o600
     assert stat.S_IMODE((rendered / "etc/modulus/vars.yml").stat().st_mode) == 0o600
-    assert stat.S_IMODE((rendered / "etc/modulus/pull.env").stat().st_mode) == 0o644
+    assert stat.S_IMODE((rendered / "etc/modulus/pull.env").stat().st_mode) == 0o600
+    assert stat.S_IMODE((rendered / "etc/modulus/pull.args").stat().st_mode) == 0o600
     svc = (units / "modulus@.service").read_text()
     for line in ("Type=oneshot", "RemainAfterExit=yes", "EnvironmentFile=-/etc/modulus/env",
                  "After=network-online.target update-engine.service systemd-sysext.service",
