@@ -131,11 +131,51 @@ def test_check_mode_runs_the_whole_chain_and_touches_nothing(tmp_path: Path) -> 
         proc = site(fleet, "host1", "--check")
         assert proc.returncode == 0, proc.stdout[-8000:]
         # what would happen, as the run printed it (check mode writes no record)
-        assert proc.stdout.count(": compiled in") == 4, proc.stdout[-6000:]
-        assert proc.stdout.count(", pushed") == 4, proc.stdout[-6000:]
+        assert proc.stdout.count("would be compiled (here, or by the host that takes the fleet lock first) and pushed"
+                                 ) == 4, proc.stdout[-6000:]
+        assert "compiled in" not in proc.stdout and ", pushed" not in proc.stdout, proc.stdout[-6000:]
         assert image_gets(fleet) == []
         assert files(root) == before
         assert fleet.store_keys() == []
+
+
+def test_check_mode_on_a_fresh_fleet_reports_per_host_and_writes_nothing(tmp_path: Path) -> None:
+    """A fleet nothing has run on yet: the bootstrap says what it would install, each host what it would
+    compile or pull, and no host root, store or release server sees a write or a download."""
+    with Fleet(tmp_path, ["host1", "host2"], extra_vars={"modulus_python_mode": "portable",
+                                                         "modulus_python_url": "https://python.example/cpython.tar.gz",
+                                                         "modulus_python_sha256": "ab" * 32}) as fleet:
+        roots = {h: fleet.host_root(h) for h in fleet.hosts}
+        before = {h: files(r) for h, r in roots.items()}
+        proc = site(fleet, "gpu_nodes", "--check")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        recap = proc.stdout.split("PLAY RECAP")[-1]
+        for host, root in roots.items():
+            assert f"{host}" in recap and "failed=0" in recap.split(host)[1].splitlines()[0], recap
+            assert files(root) == before[host], host
+            assert not (root / "opt/modulus").exists() and not (root / "var/lib/modulus").exists()
+        # a report per host: the bootstrap, then each build of each release
+        plays = proc.stdout.split("PLAY [")
+        boot = next(p for p in plays if p.startswith("Python for Ansible"))
+        assert boot.count("bootstrap would install the portable Python https://python.example/cpython.tar.gz") == 2, boot
+        cur, pend = fleet.kit.releases["current"], fleet.kit.releases["pending"]
+        for rel in (cur, pend):
+            line = (f"check mode: modulus-hello 1.0.0 for {'pending' if rel is pend else 'current'} {rel.version} "
+                    f"({rel.kernel}): would be compiled (here, or by the host that takes the fleet lock first) and "
+                    f"pushed, then {'staged' if rel is pend else 'installed'}")
+            assert proc.stdout.count(line) == 2, (line, proc.stdout[-6000:])
+        assert image_gets(fleet) == []
+        assert fleet.store_keys() == []
+
+        # once a build is in the store, check mode says the other hosts would pull it
+        assert site(fleet, "host1").returncode == 0
+        fleet.server.reset()
+        before2 = files(roots["host2"])
+        proc = site(fleet, "host2", "--check")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert proc.stdout.count("would be pulled from the store") == 2, proc.stdout[-6000:]
+        assert "would be compiled" not in proc.stdout
+        assert files(roots["host2"]) == before2 and image_gets(fleet) == []
 
 
 @pytest.mark.parametrize("bad, words", [
