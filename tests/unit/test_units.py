@@ -221,7 +221,7 @@ def test_bootstrap_mode_none_leaves_python_alone(tmp_path: Path) -> None:
 
 def test_bootstrap_refuses_bad_settings(tmp_path: Path) -> None:
     res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=conda")
-    assert res.returncode != 0 and "must be auto, sysext, portable or none" in res.stderr
+    assert res.returncode != 0 and "must be auto, portable or none" in res.stderr
     res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=portable", "MODULUS_PYTHON_URL=file:///nonexistent.tar.gz")
     assert res.returncode != 0 and "MODULUS_PYTHON_SHA256 is empty" in res.stderr
     res = _bootstrap(tmp_path, "--mode=portable")
@@ -242,6 +242,78 @@ def test_bootstrap_refuses_a_tarball_with_another_checksum(tmp_path: Path) -> No
     assert res.returncode != 0 and "refused" in res.stderr and wrong in res.stderr, res.stderr
     # nothing was unpacked or left behind but the (empty) prefix and its lock
     assert sorted(p.name for p in (tmp_path / "python").iterdir()) == [".bootstrap.lock"]
+
+
+def _fake_tarball(tmp_path: Path) -> Path:
+    tarball = tmp_path / "python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo("python/bin/python3")
+        data = b"#!/bin/sh\necho planted; exit 3\n"
+        info.size, info.mode = len(data), 0o755
+        import io
+        tar.addfile(info, io.BytesIO(data))
+    return tarball
+
+
+def _root_with_python(tmp_path: Path, os_id: str, venv_works: bool) -> Path:
+    """A root whose os-release has ID=os_id and whose /usr/bin/python3 runs this machine's Python,
+    except that, when venv_works is false, ``-m venv`` fails the way it does on a distribution
+    that split venv/ensurepip out (the system Python the bootstrap must not depend on)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/os-release").write_text(f"ID={os_id}\nVERSION_ID=9001.1.0\n")
+    (root / "usr/bin").mkdir(parents=True)
+    py = root / "usr/bin/python3"
+    fail = "" if venv_works else 'if [ "$1" = -m ] && [ "$2" = venv ]; then echo "ensurepip is not available" >&2; exit 1; fi\n'
+    py.write_text(f"#!/bin/sh\n{fail}exec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
+    return root
+
+
+def test_bootstrap_refuses_the_removed_sysext_mode_with_its_reason(tmp_path: Path) -> None:
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=sysext")
+    assert res.returncode != 0 and "MODULUS_PYTHON_MODE=sysext is no longer offered" in res.stderr, res.stderr
+    assert "enabled-sysext" not in res.stdout and "every later OS update" in res.stderr
+    assert not (tmp_path / "python").exists()
+
+
+def test_bootstrap_on_flatcar_never_uses_a_system_python(tmp_path: Path) -> None:
+    """auto on Flatcar: the pinned portable Python only (here its checksum differs: refused), even
+    when a python3 that works is on the host (a user's toolbox or sysext)."""
+    root = _root_with_python(tmp_path, "flatcar", venv_works=True)
+    wrong = hashlib.sha256(b"another file").hexdigest()
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=auto", f"MODULUS_BOOTSTRAP_ROOT={root}",
+                     f"MODULUS_PYTHON_URL=file://{_fake_tarball(tmp_path)}", f"MODULUS_PYTHON_SHA256={wrong}")
+    assert res.returncode != 0 and "refused" in res.stderr, res.stderr
+    assert "from the system" not in res.stderr
+    assert not (tmp_path / "python/venv").exists()
+
+
+def test_bootstrap_auto_falls_back_to_the_portable_python_when_the_system_venv_fails(tmp_path: Path) -> None:
+    root = _root_with_python(tmp_path, "debian", venv_works=False)
+    tarball = _fake_tarball(tmp_path)
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=auto", f"MODULUS_BOOTSTRAP_ROOT={root}",
+                     f"MODULUS_PYTHON_URL=file://{tarball}", f"MODULUS_PYTHON_SHA256={hashlib.sha256(tarball.read_bytes()).hexdigest()}")
+    # it tried the system Python, fell back, and went on with the portable one (whose planted
+    # python3 does not run: the run stops there, with nothing of the failed venv left)
+    assert f"Python from the system: {root}/usr/bin/python3" in res.stderr, res.stderr
+    assert "falling back to the portable Python" in res.stderr, res.stderr
+    assert "does not run on this host" in res.stderr and res.returncode != 0, res.stderr
+    assert not (tmp_path / "python/venv").exists()
+    assert not list((tmp_path / "python").glob(".bootstrap.*[!k]"))
+
+
+def test_bootstrap_check_mode_says_what_it_would_do_and_writes_nothing(tmp_path: Path) -> None:
+    root = _root_with_python(tmp_path, "flatcar", venv_works=True)
+    res = _bootstrap(tmp_path, "MODULUS_PYTHON_MODE=auto", f"MODULUS_BOOTSTRAP_ROOT={root}", "MODULUS_BOOTSTRAP_CHECK=1",
+                     "MODULUS_PYTHON_URL=https://python.example/p.tar.gz", f"MODULUS_PYTHON_SHA256={'cd' * 32}",
+                     "MODULUS_PIP_FIND_LINKS=/srv/wheels")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        f"MODULUS_BOOTSTRAP_WOULD=install the portable Python https://python.example/p.tar.gz (SHA-256 {'cd' * 32}) "
+        f"into {tmp_path}/python/dist/{'cd' * 32}; virtual environment {tmp_path}/python/venv with ansible-core==2.19.14 "
+        "boto3 from /srv/wheels", "MODULUS_BOOTSTRAP_CHANGED=1"]
+    assert not (tmp_path / "python").exists()
 
 
 def test_scripts_are_posix_sh() -> None:

@@ -86,37 +86,6 @@ if [ -f "$MARKER" ] && grep -qx "request=$want_sum" "$MARKER" && venv_ok; then
   fi
 fi
 
-# Check mode: say what a run would do, write nothing.
-if [ -n "$CHECK" ]; then
-  if [ "$MODE" = portable ] || is_flatcar; then
-    plan="the portable Python $URL (SHA-256 $SHA256) into $PREFIX/dist/$SHA256"
-    if [ -z "$SHA256" ]; then die "MODULUS_PYTHON_SHA256 is empty: the portable Python is only installed checksum-verified (set modulus_python_sha256)"; fi
-  else
-    plan="a system python3 of the host if a virtual environment of it works, else the portable Python $URL (SHA-256 $SHA256)"
-  fi
-  src="PyPI"
-  if [ -n "$FIND_LINKS" ]; then src="$FIND_LINKS"; fi
-  if [ -n "$INDEX_URL" ]; then src="$INDEX_URL${FIND_LINKS:+ and $FIND_LINKS}"; fi
-  log "check mode: would install $plan, then make the virtual environment $VENV with $PACKAGES from $src"
-  echo "MODULUS_BOOTSTRAP_WOULD=install $plan; virtual environment $VENV with $PACKAGES from $src"
-  echo "MODULUS_BOOTSTRAP_CHANGED=1"
-  if venv_ok; then echo "MODULUS_PYTHON=$VENV/bin/python"; fi
-  exit 0
-fi
-
-umask 022
-mkdir -p "$PREFIX"
-# One bootstrap at a time (the unit's ExecStartPre and a push run may meet); what a killed run left
-# ($PREFIX/.bootstrap.*) is swept under the lock.
-if command -v flock >/dev/null 2>&1; then
-  exec 8>"$PREFIX/.bootstrap.lock"
-  flock 8
-fi
-for d in "$PREFIX"/.bootstrap.*; do
-  if [ -d "$d" ]; then rm -rf "$d"; fi
-done
-TMPD=$(mktemp -d "$PREFIX/.bootstrap.XXXXXX")
-
 # fetch URL DEST: http(s) with curl or wget, file:// and absolute paths by copying. Non-zero on failure.
 fetch() {
   case $1 in
@@ -176,7 +145,7 @@ python_portable() {
   esac
   top=$TMPD/unpack/python
   [ -x "$top/bin/python3" ] || die "$file has no python/bin/python3 (expected the install_only layout)"
-  "$top/bin/python3" -c 'import sys; assert sys.version_info >= (3, 9)' \
+  "$top/bin/python3" -c 'import sys; assert sys.version_info >= (3, 9)' >&2 \
     || die "the Python in $file does not run on this host (or is older than 3.9)"
   echo "$SHA256" > "$top/.sha256"
   mkdir -p "$PREFIX/dist"
@@ -233,6 +202,37 @@ try_venv() {
 }
 
 describe() { "$base" -c 'import platform; print(platform.python_version())'; }
+
+# Check mode: say what a run would do, write nothing.
+if [ -n "$CHECK" ]; then
+  if [ "$MODE" = portable ] || is_flatcar; then
+    plan="the portable Python $URL (SHA-256 $SHA256) into $PREFIX/dist/$SHA256"
+    if [ -z "$SHA256" ]; then die "MODULUS_PYTHON_SHA256 is empty: the portable Python is only installed checksum-verified (set modulus_python_sha256)"; fi
+  else
+    plan="a system python3 of the host if a virtual environment of it works, else the portable Python $URL (SHA-256 $SHA256)"
+  fi
+  src="PyPI"
+  if [ -n "$FIND_LINKS" ]; then src="$FIND_LINKS"; fi
+  if [ -n "$INDEX_URL" ]; then src="$INDEX_URL${FIND_LINKS:+ and $FIND_LINKS}"; fi
+  log "check mode: would install $plan, then make the virtual environment $VENV with $PACKAGES from $src"
+  echo "MODULUS_BOOTSTRAP_WOULD=install $plan; virtual environment $VENV with $PACKAGES from $src"
+  echo "MODULUS_BOOTSTRAP_CHANGED=1"
+  if venv_ok; then echo "MODULUS_PYTHON=$VENV/bin/python"; fi
+  exit 0
+fi
+
+umask 022
+mkdir -p "$PREFIX"
+# One bootstrap at a time (the unit's ExecStartPre and a push run may meet); what a killed run left
+# ($PREFIX/.bootstrap.*) is swept under the lock.
+if command -v flock >/dev/null 2>&1; then
+  exec 8>"$PREFIX/.bootstrap.lock"
+  flock 8
+fi
+for d in "$PREFIX"/.bootstrap.*; do
+  if [ -d "$d" ]; then rm -rf "$d"; fi
+done
+TMPD=$(mktemp -d "$PREFIX/.bootstrap.XXXXXX")
 
 how=
 if [ "$MODE" = auto ] && ! is_flatcar && base=$(system_python); then
