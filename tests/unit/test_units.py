@@ -134,6 +134,31 @@ def test_rendered_units_pass_systemd_analyze_verify(rendered: Path, tmp_path: Pa
     assert "Failed to parse service type" in proc.stdout + proc.stderr
 
 
+def test_the_default_mode_installs_the_collection_it_runs(tmp_path: Path) -> None:
+    """modulus_pull_repo "": the tarball built from this collection is copied, checked and unpacked
+    below the host root, and /opt/modulus/collections points at it; a second run copies nothing."""
+    root = tmp_path / "root"
+    root.mkdir()
+    args = {"modulus_host_root": str(root), "modulus_drivers": [{"name": "nvidia", "version": "535.104.05"}]}
+    proc = run_units(tmp_path, args)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    link = root / "opt/modulus/collections"
+    assert link.is_symlink() and os.readlink(link).startswith("collection.d/")
+    installed = link / "ansible_collections/modulus/kmods"
+    manifest = json.loads((installed / "MANIFEST.json").read_text())
+    assert (manifest["collection_info"]["namespace"], manifest["collection_info"]["name"]) == ("modulus", "kmods")
+    assert os.readlink(link) == "collection.d/" + manifest["file_manifest_file"]["chksum_sha256"]
+    assert (installed / "playbooks/pull.yml").read_bytes() == (REPO / "playbooks/pull.yml").read_bytes()
+    assert (installed / "roles/modulus/files/modulus-pull").read_bytes() == (FILES / "modulus-pull").read_bytes()
+    assert sorted(p.name for p in (root / "opt/modulus/collection.d").iterdir()) == [os.path.basename(os.readlink(link))]
+    again = run_units(tmp_path, args)
+    assert again.returncode == 0 and "changed=0" in again.stdout.split("PLAY RECAP")[-1], again.stdout[-4000:]
+    # a tarball named by the operator with another checksum is refused before anything is copied
+    bad = run_units(tmp_path, {**args, "modulus_pull_collection": str(installed / "MANIFEST.json"),
+                               "modulus_pull_collection_sha256": "0" * 64})
+    assert bad.returncode != 0 and "is not a tarball of modulus.kmods" in bad.stdout, bad.stdout[-3000:]
+
+
 def test_a_watch_interval_over_5_minutes_is_refused(tmp_path: Path) -> None:
     proc = run_units(tmp_path, {"modulus_host_root": str(tmp_path), "modulus_units_watch_interval": "10min",
                                 "modulus_drivers": [{"name": "nvidia", "version": "535.104.05"}]})
