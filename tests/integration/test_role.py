@@ -178,6 +178,58 @@ def test_check_mode_on_a_fresh_fleet_reports_per_host_and_writes_nothing(tmp_pat
         assert files(roots["host2"]) == before2 and image_gets(fleet) == []
 
 
+def test_a_driver_version_change_retires_the_old_version(tmp_path: Path) -> None:
+    """1.0.0 -> 2.0.0 of the hello module on a host with a pending release: one run serves 2.0.0 for
+    both releases, only the 2.0.0 unit stays enabled, and 1.0.0's builds go, except the one the
+    running kernel has loaded, which the first run after it is unloaded removes."""
+    v1 = dict(HELLO_DRIVER)
+    v2 = dict(HELLO_DRIVER, version="2.0.0")
+    units = {"modulus_units_enabled": True, "modulus_pull_repo": "https://git.example.invalid/modulus.git"}
+    with Fleet(tmp_path, ["host1"], drivers=[v1], extra_vars=units) as fleet:
+        cur, pend = fleet.kit.releases["current"], fleet.kit.releases["pending"]
+        root = fleet.host_root("host1")
+        wants = root / "etc/systemd/system/multi-user.target.wants"
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert sorted(p.name for p in wants.glob("modulus@*")) == ["modulus@modulus-hello-1.0.0.service"]
+        old = root / ARCHIVE / "modulus-hello/1.0.0"
+        assert sorted(p.name for p in old.iterdir() if p.is_dir()) == sorted([cur.kernel, pend.kernel])
+        (root / "var/lib/modulus/units").mkdir(parents=True, exist_ok=True)
+        (root / "var/lib/modulus/units/modulus-hello-1.0.0.pending").write_text("boot 9001.2.0\n")
+        # the running kernel has 1.0.0 loaded (as /proc/modules and /sys/module show it)
+        manifest = json.loads((old / cur.kernel / "manifest.json").read_text())
+        srcversion = manifest["modules"][0]["srcversion"]
+        (root / "proc/modules").write_text("modulus_hello 16384 0 - Live 0x0000000000000000 (O)\n")
+        (root / "sys/module/modulus_hello").mkdir(parents=True)
+        (root / "sys/module/modulus_hello/srcversion").write_text(srcversion + "\n")
+
+        fleet.drivers = [v2]
+        fleet.write_inventory()
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        builds = record(fleet, "host1")
+        assert {(b["driver_version"], b["release"], b["state"]) for b in builds} == {
+            ("2.0.0", "current", "present"), ("2.0.0", "pending", "staged")}, builds
+        state = json.loads((root / "var/lib/modulus/kmod_install/modulus-hello.json").read_text())
+        assert {e["driver_version"] for e in state["images"].values()} == {"2.0.0"}, state["images"]
+        assert sorted(p.name for p in wants.glob("modulus@*")) == ["modulus@modulus-hello-2.0.0.service"]
+        assert not (root / "var/lib/modulus/units/modulus-hello-1.0.0.pending").exists()
+        assert "modulus-hello 1.0.0 is retired" in proc.stdout
+        # the loaded 1.0.0 build stays; the other one is gone
+        assert sorted(p.name for p in old.iterdir()) == [cur.kernel]
+        assert f"kept 1.0.0 for {cur.kernel} (loaded in the running kernel: modulus_hello)" in proc.stdout
+        # a pull run of the old unit (still queued somewhere) stages nothing
+        vars_file = root / "etc/modulus/vars.yml"
+        assert "2.0.0" in vars_file.read_text()
+
+        # after the reboot 1.0.0 is no longer loaded: the next run removes it and changes nothing else
+        (root / "proc/modules").write_text("")
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert not old.exists()
+        assert sorted(p.name for p in (root / ARCHIVE / "modulus-hello").iterdir()) == ["2.0.0"]
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"modulus_drivers": [{"name": "nvidia", "version": "535.104.05\n"}]}, ["modulus_drivers[0]", "535.104.05\\n"]),
     ({"modulus_drivers": [{"name": "zfs", "version": "2.2.4"}]}, ["modulus_drivers[0]", "unknown driver", '"zfs"']),
