@@ -348,3 +348,74 @@ def test_scripts_are_posix_sh() -> None:
         if shutil.which("shellcheck"):
             proc = subprocess.run(["shellcheck", "-s", "sh", str(FILES / name)], capture_output=True, text=True, check=False)
             assert proc.returncode == 0, proc.stdout
+
+
+def _git(repo: Path, *args: str, env: dict | None = None) -> str:
+    base = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@modulus.invalid", GIT_COMMITTER_NAME="t",
+                GIT_COMMITTER_EMAIL="t@modulus.invalid", **(env or {}))
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=base).stdout.strip()
+
+
+def _gpg_key(home: Path) -> tuple[str, str]:
+    """A throwaway signing key in its own GNUPGHOME: (fingerprint, armored public key)."""
+    home.mkdir(mode=0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "modulus tests <t@modulus.invalid>",
+                    "ed25519", "sign", "never"], capture_output=True, check=True, env=env)
+    out = subprocess.run(["gpg", "--batch", "--with-colons", "--list-keys"], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    fpr = next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
+    pub = subprocess.run(["gpg", "--batch", "--armor", "--export", fpr], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    return fpr, pub
+
+
+@pytest.mark.skipif(not shutil.which("gpg") or not shutil.which("git"), reason="gpg and git are needed")
+def test_git_mode_runs_the_pinned_commit_and_only_signed_commits(tmp_path: Path) -> None:
+    """modulus-pull in git mode with this machine's ansible-pull: a pinned commit is what runs, whatever
+    the branch head; with verify keys, a head signed by one of them runs, one signed by another key does not."""
+    signer, signer_pub = _gpg_key(tmp_path / "gpg-signer")
+    _other, other_pub = _gpg_key(tmp_path / "gpg-other")
+    repo = tmp_path / "repo"
+    (repo / "playbooks").mkdir(parents=True)
+    (repo / "playbooks/pull.yml").write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.copy:\n        src: ../marker\n        dest: '{{ out }}'\n        mode: '0644'\n")
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "marker").write_text("one\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "one")
+    first = _git(repo, "rev-parse", "HEAD")
+    (repo / "marker").write_text("two\n")
+    _git(repo, "commit", "-q", "-a", f"-S{signer}", "-m", "two", env={"GNUPGHOME": str(tmp_path / "gpg-signer")})
+    prefix = tmp_path / "python"
+    prefix.mkdir()
+    (prefix / "venv").symlink_to(Path(sys.executable).parent.parent)
+    out = tmp_path / "out"
+    (tmp_path / "pull.args").write_text(f"-e\nout={out}\n")
+    env = dict(os.environ, MODULUS_PULL_REPO=f"file://{repo}", MODULUS_PULL_BRANCH="main", MODULUS_PULL_DIR=str(tmp_path / "pull"),
+               MODULUS_PULL_ARGS_FILE=str(tmp_path / "pull.args"), MODULUS_VARS_FILE=str(tmp_path / "none.yml"),
+               MODULUS_PYTHON_PREFIX=str(prefix), MODULUS_STATE_DIR=str(tmp_path / "state"), MODULUS_LOCK=str(tmp_path / "lock"),
+               ANSIBLE_HOME=str(tmp_path / "ansible"))
+
+    def pull(**more: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(FILES / "modulus-pull"), "run", "hello-1.0"], capture_output=True, text=True,
+                              env=dict(env, **more), timeout=600, check=False)
+
+    res = pull(MODULUS_PULL_COMMIT=first)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert out.read_text() == "one\n" and f"({first})" in res.stderr
+    out.unlink()
+    keys = tmp_path / "keys.asc"
+    keys.write_text(signer_pub)
+    res = pull(MODULUS_PULL_VERIFY_KEYS=str(keys))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert out.read_text() == "two\n" and "signed by a key of" in res.stderr
+    out.unlink()
+    keys.write_text(other_pub)
+    res = pull(MODULUS_PULL_VERIFY_KEYS=str(keys))
+    assert res.returncode != 0 and not out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    # and the first, unsigned commit is refused even by the right key
+    keys.write_text(signer_pub)
+    res = pull(MODULUS_PULL_VERIFY_KEYS=str(keys), MODULUS_PULL_COMMIT=first)
+    assert res.returncode != 0 and not out.exists(), res.stdout[-3000:] + res.stderr[-3000:]

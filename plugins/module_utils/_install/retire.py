@@ -57,6 +57,15 @@ def loaded_by(manifest: dict[str, Any], host_root: str) -> list[str]:
     return found
 
 
+def running_kernel(host_root: str) -> str | None:
+    """The kernel release the host runs (``/proc/sys/kernel/osrelease``), None when unknown."""
+    try:
+        with open(os.path.join(host_root, "proc/sys/kernel/osrelease"), encoding="ascii") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
 def _read_manifest(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -86,6 +95,7 @@ def retire(archive_root: str, driver: str, keep_version: str, host_root: str = "
     base = os.path.join(archive_root, driver)
     if not os.path.isdir(base):
         return out
+    kernel_now = running_kernel(host_root)
     for version in sorted(os.listdir(base)):
         vdir = os.path.join(base, version)
         if version == keep_version or version.startswith(".") or not os.path.isdir(vdir) or os.path.islink(vdir):
@@ -96,7 +106,9 @@ def retire(archive_root: str, driver: str, keep_version: str, host_root: str = "
             kdir = os.path.join(vdir, kernel)
             if kernel.startswith(".") or not os.path.isdir(kdir):
                 continue  # a build's lock, failure marker or temporary directory: goes with its build
-            mods = loaded_by(_read_manifest(os.path.join(kdir, "manifest.json")), host_root)
+            # only a build for the running kernel can be loaded in it (another kernel's may have the same srcversion)
+            mods = [] if kernel_now not in (None, kernel) else loaded_by(
+                _read_manifest(os.path.join(kdir, "manifest.json")), host_root)
             if mods:
                 out.kept.append({"path": kdir, "version": version, "kernel_release": kernel,
                                  "reason": "loaded in the running kernel: " + ", ".join(mods)})
