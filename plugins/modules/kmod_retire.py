@@ -12,8 +12,9 @@ version_added: "0.1.0"
 description:
   - A host serves one version of each driver. Once O(driver_version) is in place, the builds of every other
     version of O(driver) below O(archive_root) (C(<archive_root>/<driver>/<version>/<kernel>/)) are removed.
-  - A build whose modules the running kernel has loaded stays (same module name, and the same C(srcversion)
-    when the kernel reports one): the kernel runs that code until the next boot. A later run removes it.
+  - A build for the running kernel whose modules that kernel has loaded stays (same module name, and the same
+    C(srcversion) when the kernel reports one), because the kernel runs that code until the next boot. A later
+    run removes it.
   - Images and copies in service are not touched here; M(modulus.kmods.kmod_install) replaces and prunes those.
 author:
   - modulus contributors (@modulus)
