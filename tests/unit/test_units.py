@@ -70,7 +70,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_role_installs_units_scripts_and_settings(rendered: Path) -> None:
     units = rendered / "etc/systemd/system"
-    assert sorted(p.name for p in units.iterdir()) == sorted(UNITS)
+    assert sorted(p.name for p in units.iterdir() if p.is_file()) == sorted(UNITS)
     for name in ("modulus-bootstrap-python", "modulus-pull", "modulus-update-watch"):
         path = rendered / "opt/modulus/bin" / name
         assert path.read_bytes() == (FILES / (name + ".sh" if name == "modulus-bootstrap-python" else name)).read_bytes()
