@@ -24,6 +24,7 @@ attributes:
     description: Reports what would be removed; removes nothing.
   diff_mode:
     support: none
+    description: The result lists what was removed and what was kept.
   platform:
     platforms: posix
     support: full

@@ -67,8 +67,10 @@ def test_without_a_srcversion_a_module_of_that_name_counts_as_loaded(tmp_path: P
     assert not out.changed and len(out.kept) == 1
 
 
-@pytest.mark.parametrize(("driver", "version", "word"), [("../x", "1.0", "driver"), ("hello", "..", "driver_version"),
-                                                          ("hello", "1.0/../..", "driver_version")])
+BAD = [("../x", "1.0", "driver"), ("hello", "..", "driver_version"), ("hello", "1.0/../..", "driver_version")]
+
+
+@pytest.mark.parametrize(("driver", "version", "word"), BAD)
 def test_bad_names_are_refused(tmp_path: Path, driver: str, version: str, word: str) -> None:
     with pytest.raises(ValueError if word == "driver" else rt.RetireError) as exc:
         rt.retire(str(tmp_path), driver, version)
