@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ansible_collections.modulus.kmods.plugins.module_utils import flatcar_release as fr
-from ansible_collections.modulus.kmods.plugins.module_utils._install import image_format, kmod_sysext
 from ansible_collections.modulus.kmods.plugins.module_utils import kload, sysext
+from ansible_collections.modulus.kmods.plugins.module_utils._install import image_format, kmod_sysext
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, parse_env_file, which
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import (
     atomic_write,

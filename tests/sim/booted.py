@@ -151,18 +151,37 @@ def _probe_files(merged: Path, probe: str) -> None:
     (wants / PROBE_UNIT).symlink_to(f"/etc/systemd/system/{PROBE_UNIT}")
 
 
+def _put(src: Path, dest: Path) -> None:
+    """Copy a file or a tree into the boot's overlay, hard-linking where it can (same filesystem)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy, dirs_exist_ok=True)
+    else:
+        link_or_copy(str(src), str(dest))
+
+
 def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, Path] | None = None,
-         probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None) -> BootResult:
+         probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None,
+         files: dict[str, Path] | None = None, out_dir: Path | None = None) -> BootResult:
     """Boot the root once on a fresh overlay with ``os_release`` as its ``/etc/os-release`` and
     ``/usr/lib/os-release``, the directory ``extensions`` (name -> directory) in
-    ``/var/lib/extensions``, and ``probe`` run after systemd-sysext; returns when it powered off."""
+    ``/var/lib/extensions``, ``files`` (guest path -> file or directory of this machine) in the base
+    root, and ``probe`` run after systemd-sysext; returns when it powered off. ``out_dir`` (the
+    guest's ``/out``) keeps what the probe wrote there; by default it is a temporary directory."""
     from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack
 
     nspawn = shutil.which("systemd-nspawn") or "/usr/bin/systemd-nspawn"
     with tempfile.TemporaryDirectory(prefix="booted-", dir=workdir) as td, MountStack() as stack:
         work = Path(td)
-        out = work / "out"
-        out.mkdir()
+        out = Path(out_dir) if out_dir is not None else work / "out"
+        out.mkdir(parents=True, exist_ok=True)
         ovl = work / "ovl"
         ovl.mkdir()
         merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
@@ -174,6 +193,8 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
             target.write_text(text)
         for name, src in (extensions or {}).items():
             shutil.copytree(src, merged / "var/lib/extensions" / name, symlinks=True)
+        for guest, src in (files or {}).items():
+            _put(Path(src), merged / guest.lstrip("/"))
         _probe_files(merged, probe)
         cmd = [nspawn, "--keep-unit", "--register=no", "-q", "-D", str(merged), "-b", f"--bind={out}:/out",
                "--machine=modulus-booted"]

@@ -17,11 +17,10 @@ dir in a temporary directory), runs ``depmod`` there (so the index covers the ba
 merged extension) and calls ``modprobe --ignore-install``. The base ``modules.dep`` stays the one the
 kernel shipped, and any number of such extensions can be merged together.
 
-Adaptations (behaviour unchanged on a host): ``<name>`` is ``modulus-<driver>`` (the image name
-without the release: only one release's image is merged at a time); module names are written the
-way the kernel names them (``nvidia_modeset``; kmod treats ``-`` and ``_`` alike when it looks a
-module up); ``depmod`` is given the kernel release the helper read from ``uname -r`` instead of
-reading it again. Dependencies between the image's own modules (``nvidia_modeset`` needs
+The helper's logic is Flatcar's, line for line. Adaptations: ``<name>`` is ``modulus-<driver>`` (the
+image name without the release: only one release's image is merged at a time); module names are
+written the way the kernel names them (``nvidia_modeset``; kmod treats ``-`` and ``_`` alike when it
+looks a module up, so ``modprobe nvidia-modeset`` finds the line too). Dependencies between the image's own modules (``nvidia_modeset`` needs
 ``nvidia``) work as in Flatcar's: ``--ignore-install`` applies to the module asked for, a dependency
 with an ``install`` line runs the helper again, which finds ``/usr/lib/modules/<kver>`` already
 overlaid in its namespace and goes straight to ``modprobe --ignore-install``.
@@ -50,8 +49,7 @@ for arg in "$@"; do
 done
 echo "$action kernel module from a sysext..."
 
-KVER=$(uname -r)
-KMOD_PATH=/usr/lib/modules/${KVER}
+KMOD_PATH=/usr/lib/modules/$(uname -r)
 TMP_DIR=$(mktemp -d)
 trap "rm -rf -- '${TMP_DIR}'" EXIT
 mkdir "${TMP_DIR}"/{upper,work}
@@ -60,7 +58,7 @@ unshare -m bash -s -- "${@}" <<FOE
 set -euo pipefail
 if ! mountpoint -q "${KMOD_PATH}"; then
     mount -t overlay overlay -o lowerdir="${KMOD_PATH}",upperdir="${TMP_DIR}"/upper,workdir="${TMP_DIR}"/work "${KMOD_PATH}"
-    depmod "${KVER}"
+    depmod
 fi
 modprobe --ignore-install "\${@}"
 FOE
