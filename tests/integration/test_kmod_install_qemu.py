@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ import pytest
 from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
 from sim import ansible_run
 from sim.kit import Kit, cache_root
-from sim.qemu import boot_and_run
+from sim.qemu import boot_and_run, kernel_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "tests" / "fixtures" / "hello"
@@ -126,3 +127,77 @@ def test_nvidia_loader_without_gpu_says_so(kit: Kit, host_root_factory, tmp_path
     assert out.booted and out.rc == 0, out.console[-3000:]
     assert "no NVIDIA GPU (PCI vendor 10de) on this host: not loading" in out.output and "LOADER-RC=0" in out.output
     assert "nvidia" not in out.loaded
+
+
+GUEST_LIBS = ("libc.so.6", "libtinfo.so.6", "libcrypto.so.3", "liblzma.so.5", "libzstd.so.1", "libblkid.so.1",
+              "libmount.so.1", "libpcre2-8.so.0", "libselinux.so.1")
+
+
+def guest_tools(dest: Path) -> dict[str, Path]:
+    """What the helper needs that busybox lacks, from this machine (Debian bookworm, as a Flatcar host
+    has them): bash, kmod (modprobe and depmod with --ignore-install), util-linux's mountpoint, and
+    their libraries. Busybox gives the guest sh, mount, unshare and mktemp."""
+    bin_dir = dest / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("bash", "kmod", "mountpoint"):
+        shutil.copy2(shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin"), bin_dir / tool)
+    for name in ("modprobe", "depmod", "insmod", "rmmod", "lsmod"):
+        (bin_dir / name).symlink_to("kmod")
+    libs = dest / "lib"
+    libs.mkdir()
+    for lib in GUEST_LIBS:
+        shutil.copy2(Path("/lib/x86_64-linux-gnu") / lib, libs / lib)  # follows the symlink
+    return {"/bin": bin_dir, "/lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2"),
+            "/base-usr/lib/x86_64-linux-gnu": libs}
+
+
+def test_modprobe_through_the_helper_loads_modules_of_two_drivers(kit: Kit, host_root_factory, hello,
+                                                                  tmp_path: Path) -> None:
+    """Two modulus images merged over a /usr holding the kernel's own index: the real kmod
+    ``modprobe`` follows each image's install line into its helper, which runs ``depmod`` in a
+    private namespace and loads the module into Debian's real kernel; a dependency inside the
+    second driver (``modulus_pair_user`` needs ``modulus_pair_base``) loads through its own line."""
+    pend = kit.releases["pending"]
+    root = host_root_factory(update="need_reboot")
+    args = {"image": str(pend.image_raw), "recipe": "generic", "name": "modulus-pair", "version": "1.0",
+            "source": str(ROOT / "tests/fixtures/pair"), "modules": ["modulus_pair_base", "modulus_pair_user"],
+            "dest": str(tmp_path / "pair")}
+    res, text = ansible_run.run_module("modulus.kmods.kmod_build", args, timeout=1800)
+    assert not res.get("failed"), text
+    names = []
+    for src in (hello["pending"], tmp_path / "pair"):
+        res = install({"src": str(src), "host_root": str(root), "state": "staged", "sysext_format": "directory"})
+        names.append(res["image"]["name"])
+    k = pend.kernel
+    base_mods = tmp_path / "base-modules"
+    base_mods.mkdir()
+    for index in (kernel_dir(k) / "lib/modules" / k).glob("modules.*"):
+        shutil.copy2(index, base_mods / index.name)
+    files = guest_tools(tmp_path / "tools")
+    files[f"/base-usr/lib/modules/{k}"] = base_mods
+    for name in names:
+        files[f"/var/lib/extensions/{name}"] = root / "var/lib/extensions" / name
+    lower = ":".join(f"/var/lib/extensions/{n}/usr" for n in names) + ":/base-usr"
+    script = f"""
+mkdir -p /usr
+mount -t overlay overlay -o ro,lowerdir={lower} /usr || echo OVERLAY-FAILED
+ln -s usr/lib /lib
+echo "BASE-INDEX=$(grep -c updates/modulus /usr/lib/modules/$(uname -r)/modules.dep)"
+modprobe modulus_hello; echo "MP-HELLO-RC=$?"
+[ -d /sys/module/modulus_hello ] && echo HELLO-LOADED
+modprobe modulus-pair-user; echo "MP-PAIR-RC=$?"
+[ -d /sys/module/modulus_pair_base ] && [ -d /sys/module/modulus_pair_user ] && echo PAIR-LOADED
+modprobe -r modulus_pair_user; echo "RM-PAIR-RC=$?"
+[ -d /sys/module/modulus_pair_user ] || echo PAIR-USER-REMOVED
+echo "MOUNTS=$(grep -c ' /usr/lib/modules' /proc/mounts)"
+"""
+    out = boot_and_run(k, script, files=files, kernel_modules=["overlay"])
+    assert out.booted and out.rc == 0, out.console[-3000:]
+    print("\n" + out.output)
+    assert "OVERLAY-FAILED" not in out.output and "BASE-INDEX=0" in out.output, out.output
+    assert "MP-HELLO-RC=0" in out.output and "HELLO-LOADED" in out.output, out.output
+    assert "Loading kernel module from a sysext..." in out.output, out.output
+    assert "MP-PAIR-RC=0" in out.output and "PAIR-LOADED" in out.output, out.output
+    assert "RM-PAIR-RC=0" in out.output and "PAIR-USER-REMOVED" in out.output, out.output
+    assert "MOUNTS=0" in out.output, out.output
+    assert {"modulus_hello", "modulus_pair_base"} <= set(out.loaded), out.loaded

@@ -169,12 +169,15 @@ def _put(src: Path, dest: Path) -> None:
 
 def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, Path] | None = None,
          probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None,
-         files: dict[str, Path] | None = None, out_dir: Path | None = None) -> BootResult:
+         files: dict[str, Path] | None = None, out_dir: Path | None = None, copy_root: bool = False) -> BootResult:
     """Boot the root once on a fresh overlay with ``os_release`` as its ``/etc/os-release`` and
     ``/usr/lib/os-release``, the directory ``extensions`` (name -> directory) in
     ``/var/lib/extensions``, ``files`` (guest path -> file or directory of this machine) in the base
     root, and ``probe`` run after systemd-sysext; returns when it powered off. ``out_dir`` (the
-    guest's ``/out``) keeps what the probe wrote there; by default it is a temporary directory."""
+    guest's ``/out``) keeps what the probe wrote there; by default it is a temporary directory.
+    ``copy_root`` boots a full copy of the root instead of an overlay of it: ``/usr`` is then on a
+    plain filesystem, as on a host, so the sysext overlay on it can be the lower layer of one more
+    overlay (the kernel stacks overlays two deep; an overlay root would make the helper's the third)."""
     from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack
 
     nspawn = shutil.which("systemd-nspawn") or "/usr/bin/systemd-nspawn"
@@ -184,7 +187,11 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
         out.mkdir(parents=True, exist_ok=True)
         ovl = work / "ovl"
         ovl.mkdir()
-        merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
+        if copy_root:
+            merged = work / "root"
+            subprocess.run(["cp", "-a", str(root.path), str(merged)], check=True)
+        else:
+            merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
         text = _os_release_text(os_release)
         for rel in ("etc/os-release", "usr/lib/os-release"):
             target = merged / rel
