@@ -147,7 +147,7 @@ def guest_tools(dest: Path) -> dict[str, Path]:
     libs.mkdir()
     for lib in GUEST_LIBS:
         shutil.copy2(Path("/lib/x86_64-linux-gnu") / lib, libs / lib)  # follows the symlink
-    return {"/bin": bin_dir, "/lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2"),
+    return {"/real-bin": bin_dir, "/lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2").resolve(),
             "/base-usr/lib/x86_64-linux-gnu": libs}
 
 
@@ -179,15 +179,20 @@ def test_modprobe_through_the_helper_loads_modules_of_two_drivers(kit: Kit, host
         files[f"/var/lib/extensions/{name}"] = root / "var/lib/extensions" / name
     lower = ":".join(f"/var/lib/extensions/{n}/usr" for n in names) + ":/base-usr"
     script = f"""
+# busybox --install put its own applets in /bin: the real ones take their place (bash, kmod, mountpoint)
+# for what bash runs; this busybox sh runs its applets by name, so the script names kmod's by path
+for t in /real-bin/*; do ln -sf "$t" /bin/"${{t##*/}}"; done
+M=/real-bin/modprobe
 mkdir -p /usr
 mount -t overlay overlay -o ro,lowerdir={lower} /usr || echo OVERLAY-FAILED
 ln -s usr/lib /lib
 echo "BASE-INDEX=$(grep -c updates/modulus /usr/lib/modules/$(uname -r)/modules.dep)"
-modprobe modulus_hello; echo "MP-HELLO-RC=$?"
+$M --version
+$M modulus_hello; echo "MP-HELLO-RC=$?"
 [ -d /sys/module/modulus_hello ] && echo HELLO-LOADED
-modprobe modulus-pair-user; echo "MP-PAIR-RC=$?"
+$M modulus-pair-user; echo "MP-PAIR-RC=$?"
 [ -d /sys/module/modulus_pair_base ] && [ -d /sys/module/modulus_pair_user ] && echo PAIR-LOADED
-modprobe -r modulus_pair_user; echo "RM-PAIR-RC=$?"
+$M -r modulus_pair_user; echo "RM-PAIR-RC=$?"
 [ -d /sys/module/modulus_pair_user ] || echo PAIR-USER-REMOVED
 echo "MOUNTS=$(grep -c ' /usr/lib/modules' /proc/mounts)"
 """
@@ -195,6 +200,7 @@ echo "MOUNTS=$(grep -c ' /usr/lib/modules' /proc/mounts)"
     assert out.booted and out.rc == 0, out.console[-3000:]
     print("\n" + out.output)
     assert "OVERLAY-FAILED" not in out.output and "BASE-INDEX=0" in out.output, out.output
+    assert "kmod version" in out.output, out.output
     assert "MP-HELLO-RC=0" in out.output and "HELLO-LOADED" in out.output, out.output
     assert "Loading kernel module from a sysext..." in out.output, out.output
     assert "MP-PAIR-RC=0" in out.output and "PAIR-LOADED" in out.output, out.output
