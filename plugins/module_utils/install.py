@@ -32,6 +32,7 @@ from ansible_collections.modulus.kmods.plugins.module_utils import kload, sysext
 from ansible_collections.modulus.kmods.plugins.module_utils._install import image_format, kmod_sysext
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, parse_env_file, which
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import (
+    _rename_exchange,
     atomic_write,
     dest_lock,
     make_staging,
@@ -381,7 +382,11 @@ def place_directory(ext_dir: str, host_root: str, root: str, path: str, name: st
     top = retired_dir(ext_dir)
     os.makedirs(top, exist_ok=True)
     retired = os.path.join(top, f"{name}.{time.time_ns()}.{boot_id(host_root)}")
-    os.rename(path, retired)  # the overlay keeps its lower layer by inode, so renaming is safe
+    # the overlay keeps its lower layer by inode, so moving the old tree is safe
+    if _rename_exchange(root, path):  # no moment without an image; the old tree is at ``root`` now
+        os.rename(root, retired)
+        return
+    os.rename(path, retired)
     try:
         os.rename(root, path)
     except OSError:

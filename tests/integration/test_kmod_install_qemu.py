@@ -192,13 +192,13 @@ $M modulus_hello; echo "MP-HELLO-RC=$?"
 [ -d /sys/module/modulus_hello ] && echo HELLO-LOADED
 $M modulus-pair-user; echo "MP-PAIR-RC=$?"
 [ -d /sys/module/modulus_pair_base ] && [ -d /sys/module/modulus_pair_user ] && echo PAIR-LOADED
+dmesg | grep -o 'modulus_pair_user: loaded, modulus_pair_base says [0-9]*'
 $M -r modulus_pair_user; echo "RM-PAIR-RC=$?"
 [ -d /sys/module/modulus_pair_user ] || echo PAIR-USER-REMOVED
 echo "MOUNTS=$(grep -c ' /usr/lib/modules' /proc/mounts)"
 """
     out = boot_and_run(k, script, files=files, kernel_modules=["overlay"])
     assert out.booted and out.rc == 0, out.console[-3000:]
-    print("\n" + out.output)
     assert "OVERLAY-FAILED" not in out.output and "BASE-INDEX=0" in out.output, out.output
     assert "kmod version" in out.output, out.output
     assert "MP-HELLO-RC=0" in out.output and "HELLO-LOADED" in out.output, out.output
@@ -206,4 +206,6 @@ echo "MOUNTS=$(grep -c ' /usr/lib/modules' /proc/mounts)"
     assert "MP-PAIR-RC=0" in out.output and "PAIR-LOADED" in out.output, out.output
     assert "RM-PAIR-RC=0" in out.output and "PAIR-USER-REMOVED" in out.output, out.output
     assert "MOUNTS=0" in out.output, out.output
-    assert {"modulus_hello", "modulus_pair_base"} <= set(out.loaded), out.loaded
+    assert "modulus_pair_user: loaded, modulus_pair_base says 42" in out.output, out.output
+    # modprobe -r took the unused dependency out too
+    assert "modulus_hello" in out.loaded and not {"modulus_pair_base", "modulus_pair_user"} & set(out.loaded)
