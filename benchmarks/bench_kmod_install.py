@@ -90,9 +90,11 @@ def stock_path(tmp: Path):
         os.environ["PATH"] = old
 
 
-def stage_once(kit: Kit, src: Path, fmt: str, tmp: Path) -> tuple[float, int, float, str]:
+def stage_once(kit: Kit, src: Path, fmt: str, tmp: Path) -> tuple[float, int, float, str, float]:
     """Seconds for state=staged on a fresh kit host root, the image's size, seconds of the same
-    request again (nothing to do), and the format kmod_install chose."""
+    request again (nothing to do), the format kmod_install chose, and (directory images) seconds of
+    the request once more after the image's usr/ is copied over the host's usr/ (what /usr shows
+    once merged; NaN for .raw images)."""
     man = json.loads((src / "manifest.json").read_text())
     kver = man["kernel_release"]
     name = next(k for k, r in kit.releases.items() if r.kernel == kver)
@@ -107,17 +109,25 @@ def stage_once(kit: Kit, src: Path, fmt: str, tmp: Path) -> tuple[float, int, fl
         start = time.perf_counter()
         again = install.run(req)
         noop = time.perf_counter() - start
+        image = host / out.result["image"]["path"].lstrip("/")
+        merged = float("nan")
+        if image.is_dir():
+            shutil.copytree(image / "usr", host / "usr", dirs_exist_ok=True, symlinks=True)
+            start = time.perf_counter()
+            third = install.run(req)
+            merged = time.perf_counter() - start
+            assert not third.changed, third.actions
     assert not again.changed, again.actions
-    size = sysext.tree_size(str(host / out.result["image"]["path"].lstrip("/")))
+    size = sysext.tree_size(str(image))
     shutil.rmtree(host)
-    return seconds, size, noop, out.result["image"]["format"]
+    return seconds, size, noop, out.result["image"]["format"], merged
 
 
 def bench_staged(kit: Kit, builds: dict[str, Path], runs: int) -> None:
     print("\n1-2. state=staged from a build directory (sysext creation), then the same again (no-op), median of",
           runs, "runs")
-    print(f"{'build':8} {'tree':>10} {'format':22} {'staged':>9} {'no-op':>8} {'no-op/staged':>13} {'cp -a':>8} "
-          f"{'mksquashfs':>11} {'staged/cp':>10} {'image':>10} {'image/tree':>11}")
+    print(f"{'build':8} {'tree':>10} {'format':22} {'staged':>9} {'no-op':>8} {'no-op/staged':>13} {'merged no-op':>13} "
+          f"{'cp -a':>8} {'mksquashfs':>11} {'staged/cp':>10} {'image':>10} {'image/tree':>11}")
     for label, src in builds.items():
         tree = sysext.tree_size(str(src))
         with tempfile.TemporaryDirectory(prefix="bench-ki-") as td:
@@ -133,9 +143,11 @@ def bench_staged(kit: Kit, builds: dict[str, Path], runs: int) -> None:
                 got = [stage_once(kit, src, fmt, tmp) for _ in range(runs)]
                 sec = statistics.median(g[0] for g in got)
                 noop = statistics.median(g[2] for g in got)
+                merged = statistics.median(g[4] for g in got)
                 size = got[0][1]
                 shown = f"auto={got[0][3]} (stock)" if fmt == "stock" else fmt
-                print(f"{label:8} {mib(tree):>10} {shown:22} {sec:8.2f}s {noop:7.3f}s {noop / sec:12.3f}x "
+                after = f"{merged:12.3f}s" if merged == merged else "            -"
+                print(f"{label:8} {mib(tree):>10} {shown:22} {sec:8.2f}s {noop:7.3f}s {noop / sec:12.3f}x {after} "
                       f"{cp:7.2f}s {sq:10.2f}s {sec / cp:9.1f}x {mib(size):>10} {size / tree:10.2f}x")
 
 
