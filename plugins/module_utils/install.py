@@ -623,8 +623,8 @@ def check_request(req: Request) -> None:
     if req.state not in STATES:
         raise InstallError("state={!r} is not one of {}".format(req.state, ", ".join(STATES)))
     if req.sysext_format not in image_format.FORMATS:
-        raise InstallError("sysext_format={!r} is not one of {}".format(req.sysext_format,
-                                                                      ", ".join(image_format.FORMATS)))
+        raise InstallError("sysext_format={!r} is not one of {}".format(
+            req.sysext_format, ", ".join(image_format.FORMATS)))
     check_writable("extensions_dir", req.extensions_dir)
     if int(req.keep) < 1:
         raise InstallError(f"keep={req.keep!r} must be at least 1")

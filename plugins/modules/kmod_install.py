@@ -145,7 +145,7 @@ options:
       - V(auto) picks what the host can make with nothing added. That is V(erofs) when C(mkfs.erofs) is on PATH,
         else V(squashfs) when C(mksquashfs) is, else V(directory). Stock stable and LTS Flatcar hosts have
         neither tool and get a directory extension. An image already in place and up to date keeps its format.
-        RV(image.format_reason) says why a format was picked.
+        C(format_reason) in RV(image) says why a format was picked.
       - V(erofs) makes a C(<name>.raw) EROFS image (LZ4HC) and needs C(mkfs.erofs) on the managed host.
       - V(squashfs) makes a compressed C(<name>.raw) image and needs C(mksquashfs) on the managed host.
       - V(directory) places a plain directory extension C(<name>/). It needs no tool and also merges where

@@ -114,7 +114,7 @@ def test_populate_directory(tmp_path: Path) -> None:
     # Flatcar's kmod convention: no index of the kernel, install/remove lines, the helper
     kdir = root / f"usr/lib/modules/{K}"
     assert sorted(p.name for p in kdir.iterdir()) == ["updates"]
-    assert not [p for p in root.rglob("modules.*")]
+    assert not list(root.rglob("modules.*"))
     assert (root / "usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf").read_text() == (
         "install nvidia /usr/libexec/_modulus-nvidia_modprobe_helper nvidia\n"
         "remove nvidia /usr/libexec/_modulus-nvidia_modprobe_helper -r nvidia\n")
