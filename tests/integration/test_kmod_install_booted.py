@@ -226,12 +226,20 @@ echo "== end"
 # --------------------------------------------------------------------------- a second run on a merged /usr
 
 
-def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_root, tmp_path: Path) -> None:
+def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_root, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stock host (no image tools, the default sysext_format auto) installs for its running
+    release, boots with the image merged, and a second run on that /usr changes nothing."""
+    from test_kmod_install import stock_path
+
     cur = kit.releases["current"]
     root = kit.host_root(tmp_path / "host", update="need_reboot")
-    args = {"src": str(hello["current"]), "host_root": str(root), "sysext_format": "directory"}
+    machine_path, stock = os.environ["PATH"], stock_path(tmp_path)
+    monkeypatch.setenv("PATH", stock)
+    args = {"src": str(hello["current"]), "host_root": str(root)}
     first = install(args)
-    assert first["changed"] and first["image"]["created"]
+    monkeypatch.setenv("PATH", machine_path)  # the container is booted by this machine
+    assert first["changed"] and first["image"]["created"] and first["image"]["format"] == "directory", first
     name = first["image"]["name"]
     probe = "tar -C / -cf /out/usr.tar usr/lib/extension-release.d usr/lib/modules usr/lib/modprobe.d usr/libexec\n" \
             "echo \"== status\"; systemd-sysext status\necho \"== end\"\n"
@@ -239,6 +247,7 @@ def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_r
     res = boot(systemd_root, os_release={"ID": "flatcar", "VERSION_ID": cur.version, "NAME": "Flatcar Container Linux"},
                extensions={name: root / "var/lib/extensions" / name}, probe=probe, out_dir=out)
     assert not res.timed_out and name in sections(res.output)["status"], res.console[-3000:] + res.output
+    monkeypatch.setenv("PATH", stock)
     with tarfile.open(out / "usr.tar") as tar:
         tar.extractall(root)  # the host's /usr as it is once the image is merged
     assert (root / f"usr/lib/extension-release.d/extension-release.{name}").is_file()
