@@ -789,6 +789,8 @@ def remove_all(req: Request, driver: str, out: Outcome, check: bool) -> None:
     out.result.update(driver=driver, removed=removed)
     if any(p.startswith(req.extensions_dir) for p in removed):
         out.result["merge"] = refresh_sysext(req, out, check, "unmerge removed images")
+    if not check:
+        sweep_retired(ext_dir, req.host_root, no_log)
     still = [m for m in kload.loaded_modules(req.host_root) if m.startswith(driver.replace("-", "_"))]
     if still:
         out.warnings.append("still loaded (not unloaded by state=absent): " + ", ".join(still))

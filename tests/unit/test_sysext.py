@@ -172,3 +172,12 @@ def test_list_images(tmp_path: Path) -> None:
         (tmp_path / name).mkdir() if "." not in name[-4:] else (tmp_path / name).write_text("")
     found = sysext.list_images(str(tmp_path), "nvidia")
     assert sorted(found) == ["modulus-nvidia-9001.1.0", "modulus-nvidia-9001.2.0", "modulus-nvidia-open-1"]
+
+
+def test_helper_is_flatcars_line_for_line() -> None:
+    """The helper is the one Flatcar's sysext_mangle_kmod installs, but for its comment header."""
+    from ansible_collections.modulus.kmods.plugins.module_utils._install import kmod_sysext
+    source = (Path(__file__).resolve().parents[1] / "fixtures/flatcar/sysext_mangle_kmod").read_text()
+    flatcar = source.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0].splitlines()
+    ours = [line for line in kmod_sysext.helper_text("modulus-nvidia").splitlines() if not line.startswith("# ")]
+    assert ours == flatcar
