@@ -7,7 +7,7 @@ set -euo pipefail
 PKGS=(
   debootstrap gdisk e2fsprogs bzip2 lbzip2 xz-utils gnupg curl ca-certificates git make rsync gcc libc6-dev
   systemd-container util-linux mount kmod cpio busybox-static qemu-system-x86 openssl
-  squashfs-tools erofs-utils patchelf shellcheck
+  squashfs-tools erofs-utils patchelf shellcheck btrfs-progs pciutils
   python3-venv
 )
 

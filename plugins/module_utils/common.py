@@ -19,10 +19,18 @@ def no_log(_msg: str) -> None:
     """A log callback that drops everything."""
 
 
+def path_has_sbin(path: Optional[str]) -> bool:
+    """PATH names a ``sbin`` directory (a login shell's or systemd's PATH; cron's and some ssh
+    sessions' ``/usr/bin:/bin`` do not)."""
+    return any(os.path.basename(d.rstrip("/")) == "sbin" for d in (path or "").split(os.pathsep) if d)
+
+
 def which(name: str) -> Optional[str]:
-    """Find an executable on PATH, then in the usual sbin/bin directories (PATH may lack sbin)."""
-    found = shutil.which(name)
-    if found:
+    """Find an executable on PATH; when PATH names no sbin directory, then in the usual sbin/bin
+    directories too. A PATH with sbin is taken as the whole of what the host offers."""
+    path = os.environ.get("PATH", os.defpath)
+    found = shutil.which(name, path=path)
+    if found or path_has_sbin(path):
         return found
     return shutil.which(name, path=os.pathsep.join(SBIN_PATHS))
 
@@ -31,7 +39,9 @@ def require_tool(name: str) -> str:
     """Like which() but raise a clear error naming the missing executable."""
     found = which(name)
     if not found:
-        raise FileNotFoundError("required executable '{}' was not found on PATH or in {}".format(name, ", ".join(SBIN_PATHS)))
+        raise FileNotFoundError("required executable '{}' was not found on PATH ({}){}".format(
+            name, os.environ.get("PATH", ""),
+            "" if path_has_sbin(os.environ.get("PATH")) else " or in " + ", ".join(SBIN_PATHS)))
     return found
 
 

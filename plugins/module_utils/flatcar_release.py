@@ -12,10 +12,12 @@ import re
 import shlex
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ansible_collections.modulus.kmods.plugins.module_utils import imageinfo, mounts
+from ansible_collections.modulus.kmods.plugins.module_utils._host import usrfs
 from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
     no_log,
@@ -352,8 +354,26 @@ def check_kernel_name(name: str) -> bool:
 
 def read_usr(device: str, log: LogFn = no_log) -> UsrPartition:
     """Release version and kernel releases (``lib/modules/*``) of a USR partition (a block device or an
-    image file). ext4 is read with debugfs (no mount); otherwise it is mounted read-only and released."""
-    if which("debugfs"):
+    image file), without mounting it: btrfs (Flatcar since 2021) with ``btrfs restore``, ext2/ext4
+    (older releases) with ``debugfs``; mounted read-only (and released) only when that tool is missing
+    or fails. A partition with no file system was never written."""
+    try:
+        kind = usrfs.fs_type(device)
+    except usrfs.UsrReadError as exc:
+        raise ReleaseError(str(exc)) from exc
+    if kind is None:
+        raise ReleaseError(f"the USR partition {device} holds no btrfs or ext file system (never written)")
+    if kind == "btrfs" and which("btrfs"):
+        mounts.sweep_dead_dirs(tempfile.gettempdir(), mounts.RO_PREFIX, log)  # what a killed read left
+        try:
+            with usrfs.BtrfsTree(device, USR_RELEASE_FILES, dirs=("lib/modules",)) as tree:
+                return _usr_from_tree(device, tree.read_text, lambda: [
+                    name for name in tree.listdir("lib/modules")
+                    if os.path.isdir(os.path.join(tree.root, "lib/modules", name))
+                    and not os.path.islink(os.path.join(tree.root, "lib/modules", name))])
+        except usrfs.UsrReadError as exc:
+            log(f"btrfs restore could not read the USR partition {device} ({exc}): mounting it read-only")
+    if kind == "ext" and which("debugfs"):
         try:
             return _usr_from_tree(device, lambda rel: imageinfo.read_file(device, 0, "/" + rel),
                                   lambda: imageinfo.kernel_releases_in(device, 0, "/lib/modules", require_build=False))

@@ -16,8 +16,8 @@ description:
   - The pending release is the one update_engine has installed and the host boots into after the next
     reboot (C(CURRENT_OP=UPDATE_STATUS_UPDATED_NEED_REBOOT)). Its version comes from update_engine, or
     from the not-booted USR partition when update_engine reports C(NEW_VERSION=0.0.0), and its kernel
-    from that partition's C(lib/modules/) (read with C(debugfs), or mounted read-only when C(debugfs)
-    is missing).
+    from that partition's C(lib/modules/), read without mounting it (btrfs, Flatcar since 2021, with
+    C(btrfs restore); ext2 of older releases with C(debugfs)), mounted read-only only when that tool is missing.
   - Feed RV(targets) to M(modulus.kmods.kmod_archive) to look a build up in the fleet store, and only
     fetch the developer container with M(modulus.kmods.coreos_devcontainer) when a build is needed.
 author:
@@ -48,7 +48,8 @@ options:
     type: float
     default: 60
 notes:
-  - Needs C(debugfs) (e2fsprogs) or root (a read-only loop mount) to read the not-booted USR partition.
+  - Needs C(btrfs) (btrfs-progs) or C(debugfs) (e2fsprogs), both on every Flatcar host, or root (a read-only
+    loop mount) to read the not-booted USR partition.
 seealso:
   - module: modulus.kmods.coreos_devcontainer
   - module: modulus.kmods.kmod_archive

@@ -14,7 +14,8 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,56 +77,65 @@ def build_mounts(root: Path) -> list[str]:
     return faults.mounts_under([root])
 
 
-@pytest.fixture
-def stalling_server(tmp_path: Path) -> Iterator[tuple[str, dict]]:
-    """HTTP on 127.0.0.1 serving the hello source as a tarball; while ``state["stall"]`` is true it
-    sends the headers and half the body, then waits (a download in progress when the run is killed)."""
-    tarball = tmp_path / "www" / "modulus-hello-1.0.tar.gz"
-    tarball.parent.mkdir()
-    subprocess.run(["tar", "-czf", str(tarball), "-C", str(HELLO.parent), "--transform", "s,^hello,modulus-hello-1.0,",
-                    "hello"], check=True)
-    data = tarball.read_bytes()
-    state = {"stall": True}
+@contextmanager
+def stalling_http(root: Path, stall: Callable[[str], bool]) -> Iterator[tuple[str, dict]]:
+    """HTTP on 127.0.0.1 serving the directory ``root``. While ``state["stall"]`` is true, a GET of a
+    URL path for which ``stall(path)`` is true gets the headers and half the body, then nothing more
+    until the server stops (a download in progress when the run is killed); ``state["reached"]`` is
+    set then."""
+    state = {"stall": True, "reached": threading.Event()}
     stop = threading.Event()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if state["stall"]:
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                stop.wait(120)
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile) -> None:  # the http.server API
+            if state["stall"] and self.command == "GET" and stall(self.path):
+                data = source.read()
+                outputfile.write(data[: len(data) // 2])
+                outputfile.flush()
+                state["reached"].set()
+                stop.wait(600)
                 return
-            self.wfile.write(data)
+            super().copyfile(source, outputfile)
 
         def log_message(self, *_a: object) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     srv.daemon_threads = True
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/{tarball.name}", state
+        yield f"http://127.0.0.1:{srv.server_address[1]}", state
     finally:
         stop.set()
         srv.shutdown()
         srv.server_close()
 
 
+@pytest.fixture
+def stalling_server(tmp_path: Path) -> Iterator[tuple[str, dict]]:
+    """The hello source as a tarball over ``stalling_http`` (its download stalls until told otherwise)."""
+    tarball = tmp_path / "www" / "modulus-hello-1.0.tar.gz"
+    tarball.parent.mkdir()
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(HELLO.parent), "--transform", "s,^hello,modulus-hello-1.0,",
+                    "hello"], check=True)
+    with stalling_http(tarball.parent, lambda path: path == f"/{tarball.name}") as (base, state):
+        yield f"{base}/{tarball.name}", state
+
+
 @pytest.mark.parametrize("moment", ["container", "download"])
 def test_killed_build_is_swept_by_the_next_run(kit: Kit, tmp_path: Path, moment: str,
                                                stalling_server: tuple[str, dict]) -> None:
-    """SIGKILL kmod_build three times (while the container runs, or while the source is being
-    downloaded), then run it again: the leftovers of the killed runs are released and removed."""
+    """SIGKILL kmod_build three times (while make runs in the container, held there, or while the
+    source is being downloaded, stalled), then run it again: the leftovers of the killed runs are
+    released and removed."""
     rel = kit.releases["pending"]
     work = tmp_path / "opt"
     work.mkdir()
     dest = work / "out"
     url, server = stalling_server
-    args = hello_args(rel, dest) if moment == "container" else hello_args(rel, dest, source=url)
+    held = faults.HeldSource.make(HELLO, tmp_path / "held-hello")
+    args = hello_args(rel, dest, source=str(held.path)) if moment == "container" else hello_args(rel, dest, source=url)
     tags = []
     figures = []
     seen: set[str] = set()
@@ -134,14 +144,17 @@ def test_killed_build_is_swept_by_the_next_run(kit: Kit, tmp_path: Path, moment:
         return [p for p in work.glob(".out.build-*") if p.name not in seen]
 
     for attempt in range(3):
+        killed = held.held(work)  # the copies held in the workspaces of the runs killed before
         run = faults.start_module("modulus.kmods.kmod_build", args, tag_dir=tmp_path / f"run{attempt}")
         tags.append(run.tag)
         try:
             if moment == "container":
-                # this run's ext4 lower and overlay are mounted: its container is running
-                faults.wait_for(lambda: [w for w in new_workspace() if len(build_mounts(w)) >= 2], timeout=300,
-                                run=run, what="the container mounts")
-                time.sleep(1.0)
+                # make runs in this run's container and waits there for a go that never comes
+                copy = held.wait_held(work, run, timeout=300, exclude=killed)
+                workspace = copy.parents[1]
+                assert workspace.name not in seen, (attempt, workspace)
+                # its ext4 lower and overlay are mounted
+                assert len(build_mounts(workspace)) >= 2, build_mounts(work)
             else:
                 # the download's temporary file is in the workspace, the container has not started
                 faults.wait_for(lambda: [w for w in new_workspace() if list((w / "in").glob("*"))], timeout=300,
@@ -163,9 +176,13 @@ def test_killed_build_is_swept_by_the_next_run(kit: Kit, tmp_path: Path, moment:
     assert not dest.exists()
     server["stall"] = False
 
-    started = time.monotonic()
-    res, text = ansible_run.run_module("modulus.kmods.kmod_build", args)
-    took = time.monotonic() - started
+    if moment == "container":
+        rerun = faults.run_released("modulus.kmods.kmod_build", args, held, work, tag_dir=tmp_path / "rerun")
+        res, text, took = rerun.result, rerun.output, rerun.wall
+    else:
+        started = time.monotonic()
+        res, text = ansible_run.run_module("modulus.kmods.kmod_build", args)
+        took = time.monotonic() - started
     assert res["changed"] is True and not res.get("failed"), text
     swept = res["swept"]
     print(f"rerun after the kills ({took:.1f} s) swept: {swept}")
@@ -185,56 +202,65 @@ def test_killed_build_keeps_the_previous_dest(kit: Kit, tmp_path: Path) -> None:
     work = tmp_path / "opt"
     work.mkdir()
     dest = work / "out"
-    res, text = ansible_run.run_module("modulus.kmods.kmod_build", hello_args(rel, dest))
-    assert res["changed"], text
+    held = faults.HeldSource.make(HELLO, tmp_path / "held-hello")
+    args = hello_args(rel, dest, source=str(held.path))
+    first = faults.run_released("modulus.kmods.kmod_build", args, held, work, tag_dir=tmp_path / "first")
+    assert first.result["changed"], first.output
     before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
-    run = faults.start_module("modulus.kmods.kmod_build", hello_args(rel, dest, force=True), tag_dir=tmp_path / "run")
+    run = faults.start_module("modulus.kmods.kmod_build", dict(args, force=True), tag_dir=tmp_path / "run")
     try:
-        faults.wait_for(lambda: len(build_mounts(work)) >= 2, timeout=300, run=run, what="the container mounts")
+        # make runs in the container (held there): the forced rebuild is under way
+        copy = held.wait_held(work, run, timeout=300)
+        assert len(build_mounts(copy.parents[1])) >= 2, build_mounts(work)
     finally:
         faults.kill_tree(run, dirs=[work, run.tag_dir])
     assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
-    # the next run (not forced) finds dest up to date, and still removes the killed run's leftovers
-    res, text = ansible_run.run_module("modulus.kmods.kmod_build", hello_args(rel, dest))
+    # the next run (not forced) finds dest up to date (no build starts), and still removes the killed run's leftovers
+    res, text, _wall = faults.run_without_build("modulus.kmods.kmod_build", args, work, tag_dir=tmp_path / "again")
     assert res["changed"] is False and res["reason"] == "up to date", text
     assert any(".out.build-" in line for line in res["swept"]), res["swept"]
     assert_nothing_left(work, rel.image_raw, [run.tag])
 
 
 def test_killed_pull_is_swept_and_dest_stays_whole(tmp_path: Path) -> None:
-    """SIGKILL kmod_archive while it pulls a 256 MiB build over a previous one: dest keeps the
-    previous build; the next pull removes the workspace and installs the new build."""
+    """SIGKILL kmod_archive while it pulls a build over a previous one (from a read-only HTTP store
+    whose download of the new archive stalls half-way): dest keeps the previous build; the next
+    pull removes the workspace and installs the new build."""
     store = tmp_path / "store"
     store.mkdir()
     old = make_build(tmp_path / "old")
-    new = make_build(tmp_path / "new", ident={"os_version": "9001.2.0"}, big_random=256 << 20, seed=5)
+    new = make_build(tmp_path / "new", ident={"os_version": "9001.2.0"}, big_random=16 << 20, seed=5)
     for src in (old, new):
         res, text = ansible_run.run_module("modulus.kmods.kmod_archive", {"store": f"file://{store}", "src": str(src)})
         assert res["changed"], text
     work = tmp_path / "opt"
     work.mkdir()
     dest = work / "nvidia"
-    base = {"store": f"file://{store}", "state": "fetched", "dest": str(dest)}
-    res, text = ansible_run.run_module("modulus.kmods.kmod_archive", dict(base, **NAMING))
-    assert res["changed"], text
-    before = manifest_of(dest)
     new_naming = dict(NAMING, os_version="9001.2.0")
-    run = faults.start_module("modulus.kmods.kmod_archive", dict(base, **new_naming), tag_dir=tmp_path / "run")
-    try:
-        # the download has started (or the extraction): files inside the workspace
-        faults.wait_for(lambda: [p for ws in work.glob(".nvidia.pull-*") for p in ws.iterdir()], timeout=120,
-                        run=run, what="the pull workspace")
-        time.sleep(0.3)
-    finally:
-        faults.kill_tree(run, dirs=[work, run.tag_dir])
-    left = sorted(p.name for p in work.glob(".nvidia.*"))
-    print(f"left by the killed pull: {left}")
-    assert any(".pull-" in name for name in left)
-    # dest is the previous build, whole
-    assert manifest_of(dest) == before and manifest.verify_tree(str(dest), before) == []
-    started = time.monotonic()
-    res, text = ansible_run.run_module("modulus.kmods.kmod_archive", dict(base, **new_naming))
-    print(f"pull after the kill: {time.monotonic() - started:.1f} s, swept {res.get('swept')}")
+    # only the new build's archive stalls (its metadata sidecar and the old build are served whole)
+    with stalling_http(store, lambda path: "/9001.2.0/" in path and path.endswith(".tar.gz")) as (url, server):
+        # a stall longer than the run's socket timeout would end the download by itself
+        base = {"store": url, "state": "fetched", "dest": str(dest), "connect_timeout": 3600}
+        res, text = ansible_run.run_module("modulus.kmods.kmod_archive", dict(base, **NAMING))
+        assert res["changed"], text
+        before = manifest_of(dest)
+        run = faults.start_module("modulus.kmods.kmod_archive", dict(base, **new_naming), tag_dir=tmp_path / "run")
+        try:
+            # the server sent half the new archive and holds the rest; the download is in the workspace
+            faults.wait_for(server["reached"].is_set, timeout=120, run=run, what="the stalled download")
+            faults.wait_for(lambda: [p for ws in work.glob(".nvidia.pull-*") for p in ws.iterdir()], timeout=120,
+                            run=run, what="the pull workspace")
+        finally:
+            faults.kill_tree(run, dirs=[work, run.tag_dir])
+        left = sorted(p.name for p in work.glob(".nvidia.*"))
+        print(f"left by the killed pull: {left}")
+        assert any(".pull-" in name for name in left)
+        # dest is the previous build, whole
+        assert manifest_of(dest) == before and manifest.verify_tree(str(dest), before) == []
+        server["stall"] = False
+        started = time.monotonic()
+        res, text = ansible_run.run_module("modulus.kmods.kmod_archive", dict(base, **new_naming))
+        print(f"pull after the kill: {time.monotonic() - started:.1f} s, swept {res.get('swept')}")
     assert res["changed"] and not res.get("failed"), text
     assert any(".nvidia.pull-" in line for line in res["swept"]), res["swept"]
     after = manifest_of(dest)

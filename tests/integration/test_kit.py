@@ -7,12 +7,13 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sim import faults
 from sim.kit import (
     IMAGE_NAME,
     ROOT_OFFSET,
@@ -95,6 +97,23 @@ def debugfs_cat(fs_image: Path, path: str) -> str:
     proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(fs_image)], capture_output=True, text=True,
                           check=False)
     return proc.stdout
+
+
+def btrfs_cat(fs_image: Path, path: str) -> str | None:
+    """Read one file out of a btrfs image without mounting it (``btrfs restore`` of that path only);
+    None when it is not there."""
+    parts = path.strip("/").split("/")
+    regex = "^/(|" + "|".join(re.escape("/".join(parts[:i])) for i in range(1, len(parts) + 1)) + ")$"
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(["btrfs", "restore", "-i", "--path-regex", regex, str(fs_image), out], capture_output=True,
+                       check=True)
+        target = Path(out, *parts)
+        return target.read_text() if target.is_file() else None
+
+
+def blkid_value(dev: Path, tag: str) -> str:
+    return subprocess.run(["blkid", "-p", "-o", "value", "-s", tag, str(dev)], capture_output=True, text=True,
+                          check=False).stdout.strip()
 
 
 def kv(text: str) -> dict[str, str]:
@@ -183,10 +202,15 @@ def test_kit_releases_are_two_kernels(kit: Kit) -> None:
 
 
 def test_rebuild_is_a_cache_hit(kit: Kit) -> None:
-    t0 = time.monotonic()
-    again = Kit.build(cache_dir=kit.cache_dir)
-    assert time.monotonic() - t0 < 10
+    files = [kit.root / "kit.json"] + [p for rel in kit.releases.values()
+                                       for p in (rel.image_bz2, rel.image_raw, rel.digests_asc)]
+    before = [(st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in files)]
+    logs: list[str] = []
+    again = Kit.build(cache_dir=kit.cache_dir, log=logs.append)
     assert again.root == kit.root and again.key.fingerprint == kit.key.fingerprint
+    # nothing was built or rebuilt (that says so in the log), nothing rewritten
+    assert logs == []
+    assert [(st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in files)] == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,19 +412,37 @@ def test_usr_partitions_for_need_reboot_zero(kit: Kit, host_root_factory, booted
     other = "USR-B" if booted == "A" else "USR-A"
     by_label = root / "dev/disk/by-partlabel"
     assert (root / "dev/disk/by-partuuid" / booted_uuid).resolve() == (by_label / f"USR-{booted}").resolve()
-    nxt = kv(debugfs_cat(by_label / other, "/lib/os-release"))
+    nxt = kv(btrfs_cat(by_label / other, "/lib/os-release") or "")
     assert (nxt["ID"], nxt["VERSION"], nxt["VERSION_ID"]) == ("flatcar", "9001.2.0", "9001.2.0")
-    assert kv(debugfs_cat(by_label / other, "/share/flatcar/release"))["FLATCAR_RELEASE_VERSION"] == "9001.2.0"
-    now = kv(debugfs_cat(by_label / f"USR-{booted}", "/lib/os-release"))
+    assert kv(btrfs_cat(by_label / other, "/share/flatcar/release") or "")["FLATCAR_RELEASE_VERSION"] == "9001.2.0"
+    now = kv(btrfs_cat(by_label / f"USR-{booted}", "/lib/os-release") or "")
     assert now["VERSION"] == kit.releases["current"].version
-    blkid = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(by_label / other)], capture_output=True,
-                           text=True, check=False).stdout.strip()
-    assert blkid == other
+    # btrfs, as Flatcar's build_library/disk_layout.json formats USR-A/USR-B since 2021
+    for label in ("USR-A", "USR-B"):
+        assert (blkid_value(by_label / label, "TYPE"), blkid_value(by_label / label, "LABEL")) == ("btrfs", label)
+    assert (by_label / other).read_bytes()[0x10040:0x10048] == b"_BHRfS_M"
+    pend = kit.releases["pending"].kernel
+    assert btrfs_cat(by_label / other, f"/lib/modules/{pend}/modules.dep") == ""
+    assert btrfs_cat(by_label / other, f"/lib/modules/{pend}/modules.missing") is None
 
 
-def test_idle_host_has_an_empty_other_usr(host_root_factory) -> None:
+def test_idle_host_has_a_blank_other_usr(host_root_factory) -> None:
+    """A partition update_engine never wrote holds no file system (Flatcar leaves USR-B unformatted)."""
     root = host_root_factory(update="idle")
-    assert debugfs_cat(root / "dev/disk/by-partlabel/USR-B", "/lib/os-release") == ""
+    other = root / "dev/disk/by-partlabel/USR-B"
+    assert blkid_value(other, "TYPE") == ""
+    assert other.read_bytes().count(0) == other.stat().st_size
+    assert blkid_value(root / "dev/disk/by-partlabel/USR-A", "TYPE") == "btrfs"
+
+
+def test_ext2_usr_partitions_of_older_releases(kit: Kit, host_root_factory) -> None:
+    """Releases before July 2021 (and CoreOS) formatted /usr as ext2: ``usr_fs="ext2"``, the default when legacy."""
+    root = host_root_factory(update="need_reboot_zero", usr_fs="ext2")
+    by_label = root / "dev/disk/by-partlabel"
+    assert blkid_value(by_label / "USR-B", "TYPE") == "ext2"
+    assert kv(debugfs_cat(by_label / "USR-B", "/lib/os-release"))["VERSION_ID"] == "9001.2.0"
+    legacy = host_root_factory(update="need_reboot_zero", legacy=True)
+    assert blkid_value(legacy / "dev/disk/by-partlabel/USR-B", "TYPE") == "ext2"
 
 
 def test_legacy_coreos_host_root(kit: Kit, host_root_factory) -> None:
@@ -448,18 +490,84 @@ def test_version_txt_and_status_texts() -> None:
 def test_build_lock_serializes_processes(tmp_path: Path) -> None:
     """Kit.build holds this lock while building: a second process waits for the first."""
     lock = tmp_path / ".kit-x.lock"
+    # the holder keeps the lock until it reads a line
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from sim.kit import _locked\n"
+         "import sys; from sim.kit import _locked\n"
          f"with _locked(__import__('pathlib').Path({str(lock)!r})):\n"
-         "    print('held', flush=True); time.sleep(1.5)\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
+         "    print('held', flush=True); sys.stdin.readline(); print('releasing', flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    events: list[str] = []
+
+    def second() -> None:
         with _locked(lock):
-            waited = time.monotonic() - t0
-        assert waited > 0.5
+            events.append("acquired")
+
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=second, daemon=True)
+        waiter.start()
+        # the second taker blocks in flock() (had the lock not held, it would have it by now)
+        faults.wait_for(lambda: events or faults.in_syscall(os.getpid(), ["flock"], tid=waiter.native_id),
+                        timeout=60, what="the second taker of the lock")
+        assert events == []
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "releasing"
+        waiter.join(timeout=60)
+        assert events == ["acquired"]
     finally:
+        holder.stdin.close()
         holder.wait(timeout=10)
     assert holder.returncode == 0
+
+
+# ---- the commands of a stock Flatcar host (sim.hosttools) ------------------------------------------
+
+STOCK_HAS = ("sh", "bash", "systemd-nspawn", "systemd-sysext", "systemd-dissect", "losetup", "mount", "depmod",
+             "modprobe", "btrfs", "debugfs", "gpg", "gpgv", "lbzip2", "xz", "zstd", "tar", "git", "curl", "which")
+STOCK_LACKS = ("mksquashfs", "gcc", "cc", "make", "python3", "python", "perl")
+
+
+def _command_v(names: tuple[str, ...], host_tools: str | None) -> dict[str, str]:
+    """``command -v`` of each name, run by the ansible.builtin.shell module the way the tests run modules."""
+    from sim import ansible_run
+
+    script = "; ".join(f"printf 'cmd:%s=%s\\n' {n} \"$(command -v {n})\"" for n in names)
+    proc = subprocess.run(ansible_run.module_cmd("ansible.builtin.shell", {"cmd": script}),
+                          env=ansible_run.ansible_env(host_tools), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "CHANGED | rc=0" in proc.stdout, proc.stdout + proc.stderr
+    return dict(line[4:].split("=", 1) for line in proc.stdout.splitlines() if line.startswith("cmd:"))
+
+
+@pytest.mark.parametrize("variant", ["stable", "main"])
+def test_modules_run_with_the_commands_of_a_stock_host(variant: str) -> None:
+    from sim import hosttools
+
+    found = _command_v(STOCK_HAS + STOCK_LACKS + ("mkfs.erofs",), variant)
+    root = str(hosttools.tools_dir(variant))
+    for name in STOCK_HAS:
+        assert found[name].startswith(root + "/"), (name, found[name])
+    for name in STOCK_LACKS:
+        assert found[name] == "", (name, found[name])
+    assert bool(found["mkfs.erofs"]) == (variant == "main")
+    assert os.path.realpath(found["sh"]) == os.path.realpath(shutil.which("bash") or "/bin/bash")  # Flatcar's sh is bash
+
+
+def test_the_machine_path_is_only_an_explicit_opt_out() -> None:
+    found = _command_v(("mksquashfs",), None)
+    assert found["mksquashfs"] and "hosttools-" not in found["mksquashfs"]
+
+
+def test_module_which_does_not_escape_the_stock_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection's which() adds the usual sbin/bin directories only to a PATH without sbin."""
+    from ansible_collections.modulus.kmods.plugins.module_utils.common import which
+    from sim import hosttools
+
+    monkeypatch.setenv("PATH", hosttools.host_path("stable"))
+    assert which("mksquashfs") is None and which("mkfs.erofs") is None and which("gcc") is None
+    assert which("mkfs.btrfs") and which("debugfs")
+    monkeypatch.setenv("PATH", hosttools.host_path("main"))
+    assert which("mkfs.erofs")

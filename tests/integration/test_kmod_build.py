@@ -22,7 +22,7 @@ import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import elfmod, fsutil, kmodbuild, manifest
 from ansible_collections.modulus.kmods.plugins.module_utils.container import run_in_image
-from sim import ansible_run
+from sim import ansible_run, faults
 from sim.kit import Kit
 from sim.nvidia import build_cache, nvidia_run
 from sim.qemu import boot_and_load
@@ -57,6 +57,19 @@ def kernel_symvers(rel, tmp: Path) -> dict[str, tuple[int, str]]:
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".build-" in p.name or ".old-" in p.name)
+
+
+def stamps(*paths: Path) -> list[tuple[int, int, int]]:
+    """(inode, mtime in ns, size) of each path: equal before and after a run that wrote none of them
+    (a build swaps a new dest into place and rewrites the failure marker and log)."""
+    return [(st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in paths)]
+
+
+def assert_nothing_built(res: dict, wall: float) -> None:
+    """A run that decided without building: no build timings, and a duration that is a number of
+    seconds, not longer than the run measured around it."""
+    assert "timings" not in res, res
+    assert isinstance(res["duration"], float) and 0 <= res["duration"] <= wall, (res["duration"], wall)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +114,20 @@ def test_generic_hello_builds_for_each_release(hello_builds: dict[str, dict]) ->
         assert vm == mod["vermagic"].strip()
 
 
-def test_second_run_is_unchanged_and_fast(hello_builds: dict[str, dict]) -> None:
+def test_second_run_is_unchanged_and_builds_nothing(hello_builds: dict[str, dict]) -> None:
     b = hello_builds["pending"]
     before = (b["dest"] / "manifest.json").read_bytes()
+    files = [b["dest"], b["dest"] / "manifest.json", b["dest"] / "build.log"]
+    untouched = stamps(*files)
     started = time.monotonic()
     res, text = run_module(hello_args(b["rel"], b["dest"], channel=b["rel"].channel))
+    wall = time.monotonic() - started
     assert res["changed"] is False, text
     assert res["reason"] == "up to date"
-    assert time.monotonic() - started < 30
+    # nothing was built: dest is the same directory with the same files, "0 when nothing was built"
+    assert_nothing_built(res, wall)
+    assert res["duration"] == 0
+    assert stamps(*files) == untouched
     assert (b["dest"] / "manifest.json").read_bytes() == before
     # check mode on a new destination says it would build and writes nothing
     new = b["dest"].parent / "check-only"
@@ -164,11 +183,18 @@ def test_module_built_for_one_kernel_fails_the_others_check(hello_builds: dict[s
     marker = json.loads((tmp_path / "cross.failed.json").read_text())
     assert marker["inputs_sha256"] == res["inputs_sha256"]
     assert (tmp_path / "cross.failed.log").is_file()
-    # a known-failing combination is not retried: fails at once, no container
+    # a known-failing combination is not retried: fails at once, no container (the marker and the
+    # failed log stay as they are: a build would rewrite both)
+    marked = [tmp_path / "cross.failed.json", tmp_path / "cross.failed.log"]
+    untouched, contents = stamps(*marked), [p.read_bytes() for p in marked]
     started = time.monotonic()
     res2, text = run_module(args)
+    wall = time.monotonic() - started
     assert res2.get("failed") is True and "previous build with the same inputs failed" in res2["msg"], text
-    assert time.monotonic() - started < 20
+    assert res2["failure"]["known"] is True and res2["reason"].startswith("known failure"), res2
+    assert_nothing_built(res2, wall)
+    assert stamps(*marked) == untouched and [p.read_bytes() for p in marked] == contents
+    assert not dest.exists() and leftovers(tmp_path) == []
     # force retries for real (and fails the same way)
     res3, text = run_module(dict(args, force=True))
     assert res3.get("failed") is True and "modulus_hello.ko: vermagic" in res3["msg"], text
@@ -176,19 +202,26 @@ def test_module_built_for_one_kernel_fails_the_others_check(hello_builds: dict[s
 
 def test_compile_error_reports_log_tail_and_marker(kit: Kit, tmp_path: Path) -> None:
     rel = kit.releases["pending"]
-    src = tmp_path / "broken"
-    shutil.copytree(HELLO, src)
+    # every build of this source is held in the container until the test lets it go (sim.faults.HeldSource)
+    held = faults.HeldSource.make(HELLO, tmp_path / "broken")
+    src = held.path
     (src / "modulus_hello.c").write_text((src / "modulus_hello.c").read_text().replace("kfree(buf);",
                                                                                        "kfree(buf) this is wrong;"))
     dest = tmp_path / "out"
-    res, text = run_module(hello_args(rel, dest, source=str(src)))
+    args = hello_args(rel, dest, source=str(src))
+    # held half a second in make: the failed run lasts at least that long, whatever the machine's speed
+    first = faults.run_released("modulus.kmods.kmod_build", args, held, tmp_path, tag_dir=tmp_path / "run1", hold=0.5)
+    res, text = first.result, first.output
     assert res.get("failed") is True, text
     assert "exited with rc" in res["msg"] and "end of the build log" in res["msg"]
     assert "error:" in res["msg"]  # the compiler's message is in the tail
     assert Path(res["build_log"]).is_file() and "this is wrong" in Path(res["build_log"]).read_text()
     assert not dest.exists() and leftovers(tmp_path) == []
-    # the failed run says what failed and how long it ran; the failure is remembered
-    assert res["duration"] > 1.0 and "compile error" in res["reason"] and "remembered in" in res["reason"], res
+    # the failed run says what failed and how long it ran (at least while it was held, at most the
+    # run as measured here; the duration is rounded to ms); the failure is remembered
+    assert isinstance(res["duration"], float) and first.held_for <= res["duration"] + 0.001, (res, first)
+    assert res["duration"] <= first.wall, (res, first)
+    assert "compile error" in res["reason"] and "remembered in" in res["reason"], res
     failure = res["failure"]
     assert failure["kind"] == "compile" and failure["remembered"] is True and failure["known"] is False
     first = failure["errors"][0]
@@ -196,18 +229,23 @@ def test_compile_error_reports_log_tail_and_marker(kit: Kit, tmp_path: Path) -> 
     assert "first errors:" in res["msg"] and first in res["msg"]
     marker = json.loads((tmp_path / "out.failed.json").read_text())
     assert marker["kind"] == "compile" and marker["errors"] == failure["errors"]
-    # the same inputs again: fail fast, quoting the compiler's first errors and naming the log
-    started = time.monotonic()
-    again, text = run_module(hello_args(rel, dest, source=str(src)))
-    assert again.get("failed") is True and time.monotonic() - started < 20, text
+    # the same inputs again: fail without a build (no make is held; the marker and the failed log
+    # stay as they are), quoting the compiler's first errors and naming the log
+    marked = [tmp_path / "out.failed.json", tmp_path / "out.failed.log"]
+    untouched = stamps(*marked)
+    again, text, wall = faults.run_without_build("modulus.kmods.kmod_build", args, tmp_path, tag_dir=tmp_path / "run2")
+    assert again.get("failed") is True, text
+    assert stamps(*marked) == untouched
     assert "a previous build with the same inputs failed" in again["msg"] and "compile error" in again["msg"]
     assert "first errors:" in again["msg"] and first in again["msg"]
     assert f"build log: {tmp_path / 'out.failed.log'}" in again["msg"]
     assert again["reason"].startswith("known failure: compile error") and again["failure"]["known"] is True
-    assert 0 < again["duration"] < 20
+    assert_nothing_built(again, wall)
+    assert again["duration"] > 0
     # fixing the source changes the inputs: the marker no longer blocks
     shutil.copy(HELLO / "modulus_hello.c", src / "modulus_hello.c")
-    res, text = run_module(hello_args(rel, dest, source=str(src)))
+    fixed = faults.run_released("modulus.kmods.kmod_build", args, held, tmp_path, tag_dir=tmp_path / "run3")
+    res, text = fixed.result, fixed.output
     assert res["changed"] is True, text
     assert not (tmp_path / "out.failed.json").exists()
 
@@ -461,10 +499,15 @@ def test_nvidia_builds_for_both_releases(nvidia_builds: dict[str, dict]) -> None
 @pytest.mark.slow
 def test_nvidia_second_run_is_unchanged(nvidia_builds: dict[str, dict]) -> None:
     b = nvidia_builds["pending"]
+    files = [b["dest"], b["dest"] / "manifest.json", b["dest"] / "build.log"]
+    untouched = stamps(*files)
     started = time.monotonic()
     res, text = run_module(b["args"] | {"force": False})
+    wall = time.monotonic() - started
     assert res["changed"] is False and res["reason"] == "up to date", text
-    assert time.monotonic() - started < 30
+    # nothing was built: dest is the same directory with the same files
+    assert_nothing_built(res, wall)
+    assert res["duration"] == 0 and stamps(*files) == untouched
 
 
 @pytest.mark.slow

@@ -10,19 +10,16 @@ mode and diff, pruning, and a run killed in the middle followed by a rerun.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from ansible_collections.modulus.kmods.plugins.module_utils import manifest as mf
-from sim import ansible_run
+from sim import ansible_run, faults
 from sim.kit import Kit, cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +27,17 @@ HELLO = ROOT / "tests" / "fixtures" / "hello"
 DRIVER = "modulus-hello"
 
 
-def install(args: dict, check: bool = False, diff: bool = False) -> tuple[dict, str]:
-    return ansible_run.run_module("modulus.kmods.kmod_install", args, check=check, diff=diff, timeout=900)
+# A stock Flatcar host has no mksquashfs (tests/sim/hosttools.py: no stable or LTS release ships
+# squashfs-tools). The tests that make a squashfs image on the host (sysext_format squashfs, today's
+# default) run with this machine's PATH until the collection makes its images another way; every
+# other test runs with the PATH of a stock stable host. Only these use it.
+MACHINE_PATH = None
+
+
+def install(args: dict, check: bool = False, diff: bool = False,
+            host_tools: str | None = ansible_run.DEFAULT_VARIANT) -> tuple[dict, str]:
+    return ansible_run.run_module("modulus.kmods.kmod_install", args, check=check, diff=diff, timeout=900,
+                                  host_tools=host_tools)
 
 
 def hello_build(rel, dest: Path) -> None:
@@ -87,12 +93,12 @@ def test_present_sysext_squashfs_check_diff_idempotent(kit: Kit, host_root_facto
     root = host_root_factory(update="need_reboot")
     before = files_of(root)
     args = {"src": str(hello["current"]), "host_root": str(root), "sysext_format": "squashfs"}
-    res, text = install(args, check=True, diff=True)
+    res, text = install(args, check=True, diff=True, host_tools=MACHINE_PATH)
     assert res["changed"] is True and not res["failed"], text
     assert res["method"] == "sysext" and res["release"] == cur.version
     assert any("would create /var/lib/extensions/modulus-modulus-hello-9001.1.0.raw" in a for a in res["actions"])
     assert files_of(root) == before, "check mode wrote something"
-    res, text = install(args, diff=True)
+    res, text = install(args, diff=True, host_tools=MACHINE_PATH)
     assert res["changed"] is True and not res["failed"], text
     img = root / "var/lib/extensions/modulus-modulus-hello-9001.1.0.raw"
     assert img.is_file() and res["image"]["size"] == img.stat().st_size and res["image"]["created"] is True
@@ -110,7 +116,7 @@ def test_present_sysext_squashfs_check_diff_idempotent(kit: Kit, host_root_facto
     new = [p for p in files_of(root) if p not in before]
     assert new and {p.split("/")[0] for p in new} <= {"etc", "opt", "var"}, new
     again = files_of(root)
-    res, text = install(args)
+    res, text = install(args, host_tools=MACHINE_PATH)
     assert res["changed"] is False and res["actions"] == [], text
     assert files_of(root) == again
 
@@ -124,11 +130,11 @@ def test_staged_pending_ships_modprobe_lines_not_an_index(kit: Kit, host_root_fa
     pend = kit.releases["pending"]
     root = host_root_factory(update="need_reboot")
     args = {"src": str(hello["pending"]), "host_root": str(root), "state": "staged", "sysext_format": "squashfs"}
-    res, text = install(args)
+    res, text = install(args, host_tools=MACHINE_PATH)
     assert res["changed"] is True and not res["failed"], text
     assert res["release"] == pend.version and res["image"]["format_reason"] == "sysext_format=squashfs", text
     assert "merged when the host boots release 9001.2.0" in res["merge"]["reason"]
-    res, text = install(args, check=True)
+    res, text = install(args, check=True, host_tools=MACHINE_PATH)
     assert res["changed"] is False, text
     tree = unsquash(root / "var/lib/extensions/modulus-modulus-hello-9001.2.0.raw", tmp_path / "x")
     assert [p.name for p in (tree / f"usr/lib/modules/{pend.kernel}").iterdir()] == ["updates"]
@@ -146,32 +152,11 @@ def test_staged_pending_ships_modprobe_lines_not_an_index(kit: Kit, host_root_fa
         assert show.returncode == 0 and want in show.stdout, (name, show.stdout, show.stderr)
 
 
-def stock_path(tmp_path: Path) -> str:
-    """A PATH of symlinks to the tools a stock stable Flatcar host has (no mksquashfs, no mkfs.erofs,
-    no compiler). The kit's strict PATH for module runs replaces this once it is the default."""
-    d = tmp_path / "stock-bin"
-    d.mkdir()
-    coreutils = subprocess.run(["dpkg", "-L", "coreutils"], capture_output=True, text=True, check=True).stdout
-    for tool in [Path(p).name for p in coreutils.split() if "/bin/" in p] + [
-            "sh", "bash", "grep", "sed", "find", "mount", "umount", "unshare", "mountpoint", "modprobe", "insmod",
-            "depmod", "ldconfig", "systemctl", "systemd-sysext", "gzip", "xz", "zstd", "tar", "gpg", "losetup",
-            "btrfs"]:
-        if (d / tool).exists():
-            continue
-        found = shutil.which(tool, path="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
-        if found:
-            (d / tool).symlink_to(found)
-    assert not (d / "mksquashfs").exists() and not (d / "mkfs.erofs").exists()
-    return str(d)
-
-
-def test_stock_host_without_image_tools_installs_and_stages(kit: Kit, host_root_factory, hello, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stock_host_without_image_tools_installs_and_stages(kit: Kit, host_root_factory, hello) -> None:
     """sysext_format=auto (the default) on a host with no image tool: directory extensions for the
     running and the pending release, and a second run changes nothing; squashfs asked for fails clearly."""
     cur, pend = kit.releases["current"], kit.releases["pending"]
-    root = host_root_factory(update="need_reboot")
-    monkeypatch.setenv("PATH", stock_path(tmp_path))
+    root = host_root_factory(update="need_reboot")  # install() runs with a stock stable host's PATH
     runs = [{"src": str(hello["current"]), "host_root": str(root)},
             {"src": str(hello["pending"]), "host_root": str(root), "state": "staged"}]
     for args, rel in zip(runs, (cur, pend)):
@@ -195,7 +180,8 @@ def test_stock_host_without_image_tools_installs_and_stages(kit: Kit, host_root_
 def test_loaded_generic_returns_the_plan(kit: Kit, host_root_factory, hello) -> None:
     root = host_root_factory()
     res, text = install({"src": str(hello["current"]), "host_root": str(root), "state": "loaded",
-                         "module_parameters": {"modulus_hello": {"greeting": "hi from kmod_install"}}})
+                         "module_parameters": {"modulus_hello": {"greeting": "hi from kmod_install"}}},
+                        host_tools=MACHINE_PATH)
     assert not res["failed"], text
     assert res["load"]["loaded"] is False and "not the running system" in res["load"]["reason"]
     [step] = res["load_plan"]["steps"]
@@ -203,7 +189,8 @@ def test_loaded_generic_returns_the_plan(kit: Kit, host_root_factory, hello) -> 
     conf = (root / f"etc/modprobe.d/modulus-{DRIVER}.conf").read_text()
     assert 'options modulus_hello greeting="hi from kmod_install"' in conf
     # the pending build cannot be loaded on the running kernel
-    res, text = install({"src": str(hello["pending"]), "host_root": str(root), "state": "loaded"})
+    res, text = install({"src": str(hello["pending"]), "host_root": str(root), "state": "loaded"},
+                        host_tools=MACHINE_PATH)
     assert res["failed"] and "state=loaded needs a build for the running kernel 6.1.0-47-amd64" in res["msg"], text
 
 
@@ -276,8 +263,8 @@ def test_tree_on_legacy_coreos(kit: Kit, host_root_factory, hello) -> None:
 # --------------------------------------------------------------------------- killed half-way
 
 
-def big_build(src: Path, dest: Path, mb: int = 96) -> Path:
-    """The hello build plus a large library, so making the image takes long enough to be killed."""
+def big_build(src: Path, dest: Path, mb: int = 4) -> Path:
+    """The hello build plus a library of ``mb`` MiB of random bytes."""
     shutil.copytree(src, dest, symlinks=True)
     with open(dest / "lib" / "libbig.so.1", "wb") as fh:
         fh.write(os.urandom(mb << 20))
@@ -287,49 +274,24 @@ def big_build(src: Path, dest: Path, mb: int = 96) -> Path:
     return dest
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Ansible's worker and module processes do not all stay in
-    the process group of the ``ansible`` command)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        out.append(cur)
-        todo += children.get(cur, [])
-    return out
-
-
 def test_killed_in_the_middle_then_rerun(kit: Kit, host_root_factory, hello, tmp_path: Path) -> None:
     src = big_build(hello["current"], tmp_path / "big")
     root = host_root_factory()
     args = {"src": str(src), "host_root": str(root), "sysext_format": "squashfs"}
-    proc = subprocess.Popen(ansible_run.module_cmd("modulus.kmods.kmod_install", args), env=ansible_run.ansible_env(),
-                            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stage = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
+    # mksquashfs makes the image in the run's staging directory, then holds the run there
+    hold = faults.ToolHold.make(tmp_path / "bin", "mksquashfs")
+    run = faults.start_module("modulus.kmods.kmod_install", args, tag_dir=tmp_path / "run", env=hold.env(),
+                              host_tools=MACHINE_PATH)
+    try:
+        faults.wait_for(hold.held, timeout=120, run=run, what="the image made by mksquashfs")
         found = list((root / "var/lib").glob(".modulus-modulus-hello-9001.1.0.sysext-*"))
-        if found and (found[0] / "image.raw").exists():
-            stage = found[0]
-            break
-        time.sleep(0.05)
-    assert stage is not None, "the run finished before it could be killed"
-    for pid in descendants(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(0.5)
+        assert len(found) == 1 and (found[0] / "image.raw").is_file(), found
+        stage = found[0]
+    finally:
+        faults.kill_tree(run, dirs=[run.tag_dir, root])  # every process of the run is gone when it returns
     img = root / "var/lib/extensions/modulus-modulus-hello-9001.1.0.raw"
     assert not img.exists(), "a half-made image is visible"
-    res, text = install(args)
+    res, text = install(args, host_tools=MACHINE_PATH)
     assert res["changed"] and not res["failed"], text
     assert not stage.exists() and not list((root / "var/lib").glob(".modulus-*")), "leftover not swept"
     listing = subprocess.run(["unsquashfs", "-l", str(img)], capture_output=True, text=True, check=True).stdout

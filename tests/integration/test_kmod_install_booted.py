@@ -17,21 +17,22 @@ of a Debian root with systemd, dressed as Flatcar).
 - kmod_install run again on the merged ``/usr`` (what the booted container shows once merged,
   copied out) changes nothing and would not refresh.
 
-The Flatcar-zfs-style extension is made here (``zfs_style_extension``) until the kit provides one.
+The Flatcar-zfs-style extension is the kit's (``sim.kmodext``). Every test runs on both booted roots:
+Debian bookworm (systemd 252) and trixie (systemd 257). kmod_install runs with a stock stable host's
+PATH (``sim.hosttools``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from sim import ansible_run
-from sim.booted import boot, booted_root
+from sim import ansible_run, kmodext
+from sim.booted import SUITES, boot, booted_root
 from sim.kit import Kit
 from sim.qemu import kernel_dir
 
@@ -82,9 +83,10 @@ def images(kit: Kit, hello, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return {p.name: p for p in sorted(ext.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def systemd_root():
-    return booted_root()
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def systemd_root(request: pytest.FixtureRequest):
+    """Each booted root: bookworm (systemd 252) and trixie (systemd 257)."""
+    return booted_root(suite=request.param)
 
 
 def test_only_the_matching_release_merges_and_refresh_swaps(kit: Kit, images: dict[str, Path], systemd_root) -> None:
@@ -126,25 +128,6 @@ echo "== end"
 # --------------------------------------------------------------------------- three kmod extensions
 
 
-def zfs_style_extension(build_dir: Path, kver: str, version: str, dest: Path) -> Path:
-    """A directory extension ``flatcar-zfs`` shaped the way Flatcar makes its zfs extension: the
-    modules in ``usr/lib/modules/<kver>/extra``, an index made by depmod, then Flatcar's own
-    ``configure_modprobe`` (which deletes that index and writes the modprobe.d lines and the helper).
-    Flatcar's script globs ``*-flatcar/`` kernels; the kit's kernels are Debian's, so the glob is ``*/``."""
-    extra = dest / f"usr/lib/modules/{kver}/extra"
-    extra.mkdir(parents=True)
-    for mod in ("spl", "zfs"):
-        shutil.copy2(build_dir / f"lib/modules/{kver}/{mod}.ko", extra / f"{mod}.ko")
-    rel = dest / "usr/lib/extension-release.d/extension-release.flatcar-zfs"
-    rel.parent.mkdir(parents=True)
-    rel.write_text(f"ID=flatcar\nVERSION_ID={version}\n")
-    subprocess.run(["depmod", "-b", str(dest / "usr"), kver], check=True)
-    assert (dest / f"usr/lib/modules/{kver}/modules.dep").is_file()
-    script = (FIXTURES / "flatcar/sysext_mangle_kmod").read_text().replace("*-flatcar/", "*/")
-    subprocess.run(["bash", "-c", script + '\nconfigure_modprobe flatcar-zfs\n'], cwd=dest, check=True)
-    return dest
-
-
 def relocated(image: Path, kver: str, to: str, dest: Path) -> Path:
     """A copy of ``image`` with ``usr/lib/modules/<kver>`` filed under ``to`` (the container's kernel)."""
     shutil.copytree(image, dest, symlinks=True)
@@ -156,7 +139,6 @@ def test_three_kmod_extensions_resolve_side_by_side(kit: Kit, hello, systemd_roo
     pend = kit.releases["pending"]
     k = pend.kernel
     pair = build(pend, PAIR, FIXTURES / "pair", ["modulus_pair_base", "modulus_pair_user"], tmp_path / "pair")
-    zfs = build(pend, "zfs", FIXTURES / "zfs-style", ["spl", "zfs"], tmp_path / "zfs")
     man = __import__("json").loads((pair / "manifest.json").read_text())
     assert {m["name"]: m["depends"] for m in man["modules"]}["modulus_pair_user"] == ["modulus_pair_base"]
     root = kit.host_root(tmp_path / "host", update="need_reboot")
@@ -165,7 +147,7 @@ def test_three_kmod_extensions_resolve_side_by_side(kit: Kit, hello, systemd_roo
     machine = os.uname().release
     ext = root / "var/lib/extensions"
     images = {p.name: relocated(p, k, machine, tmp_path / "boot" / p.name) for p in sorted(ext.iterdir())}
-    images["flatcar-zfs"] = relocated(zfs_style_extension(zfs, k, pend.version, tmp_path / "flatcar-zfs"), k, machine,
+    images["flatcar-zfs"] = relocated(kmodext.zfs_style_extension(kit, tmp_path / "zfs", release="pending"), k, machine,
                                       tmp_path / "boot/flatcar-zfs")
     assert not (images["flatcar-zfs"] / f"usr/lib/modules/{machine}/modules.dep").exists()
     hello_helper = f"/usr/libexec/_modulus-{DRIVER}_modprobe_helper"
@@ -190,7 +172,7 @@ echo "== end"
 """
     files = {f"/usr/lib/modules/{machine}": kernel_dir(k) / "lib/modules" / k}
     res = boot(systemd_root, os_release={"ID": "flatcar", "VERSION_ID": pend.version, "NAME": "Flatcar Container Linux"},
-               extensions=images, probe=probe, files=files, copy_root=True)
+               extensions=images, probe=probe, copy_in=files, copy_root=True)
     assert not res.timed_out and "== end" in res.output, res.console[-3000:] + res.output
     sec = sections(res.output)
     for name in (f"modulus-{DRIVER}-{pend.version}", f"modulus-{PAIR}-{pend.version}", "flatcar-zfs"):
@@ -226,19 +208,13 @@ echo "== end"
 # --------------------------------------------------------------------------- a second run on a merged /usr
 
 
-def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_root, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_root, tmp_path: Path) -> None:
     """A stock host (no image tools, the default sysext_format auto) installs for its running
     release, boots with the image merged, and a second run on that /usr changes nothing."""
-    from test_kmod_install import stock_path
-
     cur = kit.releases["current"]
     root = kit.host_root(tmp_path / "host", update="need_reboot")
-    machine_path, stock = os.environ["PATH"], stock_path(tmp_path)
-    monkeypatch.setenv("PATH", stock)
     args = {"src": str(hello["current"]), "host_root": str(root)}
     first = install(args)
-    monkeypatch.setenv("PATH", machine_path)  # the container is booted by this machine
     assert first["changed"] and first["image"]["created"] and first["image"]["format"] == "directory", first
     name = first["image"]["name"]
     probe = "tar -C / -cf /out/usr.tar usr/lib/extension-release.d usr/lib/modules usr/lib/modprobe.d usr/libexec\n" \
@@ -247,7 +223,6 @@ def test_second_run_on_the_merged_usr_changes_nothing(kit: Kit, hello, systemd_r
     res = boot(systemd_root, os_release={"ID": "flatcar", "VERSION_ID": cur.version, "NAME": "Flatcar Container Linux"},
                extensions={name: root / "var/lib/extensions" / name}, probe=probe, out_dir=out)
     assert not res.timed_out and name in sections(res.output)["status"], res.console[-3000:] + res.output
-    monkeypatch.setenv("PATH", stock)
     with tarfile.open(out / "usr.tar") as tar:
         tar.extractall(root)  # the host's /usr as it is once the image is merged
     assert (root / f"usr/lib/extension-release.d/extension-release.{name}").is_file()

@@ -152,9 +152,11 @@ def test_pull_unit_keeps_a_flatcar_host_current(kit: Kit, tmp_path: Path) -> Non
             assert "MODULUS_BOOTSTRAP_CHANGED=0" in again.stdout
 
             # 2. update_engine installs 9001.2.0 and says so on D-Bus: the watcher starts the pending run
-            assert wait_for(lambda: host.sh("systemctl is-active modulus-update-dbus.service", check=False
-                                            ).stdout.strip() == "active", 30)
-            time.sleep(1)  # busctl monitor has subscribed
+            # the listener is subscribed: busctl says so in its journal once BecomeMonitor succeeded
+            assert wait_for(lambda: "Monitoring bus message stream." in host.sh(
+                "journalctl -b -o cat -u modulus-update-dbus.service", check=False).stdout, 60), host.sh(
+                "systemctl status modulus-update-dbus.service; journalctl -b -o cat -u modulus-update-dbus.service",
+                check=False).stdout
             host.set_update("need_reboot")
             t_update = time.monotonic()
             host.sh("busctl emit /com/coreos/update1 com.coreos.update1.Manager StatusUpdate xdssx "

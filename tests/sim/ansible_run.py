@@ -1,5 +1,9 @@
 """Run one of the collection's modules the way Ansible runs it (``ansible localhost -m``), for the
-integration tests: the real AnsiballZ packaging, argument validation, check and diff mode."""
+integration tests: the real AnsiballZ packaging, argument validation, check and diff mode.
+
+Every run gets the PATH of a stock Flatcar host (``sim.hosttools``): ``host_tools="stable"`` (the
+default: no image tools, compiler or Python), ``"main"`` (a newer release with ``mkfs.erofs``), or
+``None`` for what is no simulated host's business (the machine's own PATH)."""
 
 from __future__ import annotations
 
@@ -8,14 +12,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
+
+from sim.hosttools import DEFAULT_VARIANT, host_env
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = str(Path(sys.executable).parent / "ansible")
 
 
-def ansible_env() -> dict[str, str]:
-    """The environment for ansible commands: this checkout's collection, this interpreter, no colour."""
-    env = dict(os.environ)
+HostTools = Optional[str]
+
+
+def ansible_env(host_tools: HostTools = DEFAULT_VARIANT) -> dict[str, str]:
+    """The environment for ansible commands: this checkout's collection, this interpreter, no colour,
+    and the PATH of a stock Flatcar host of ``host_tools`` (see the module docstring)."""
+    env = host_env(dict(os.environ), host_tools)
     env.update({
         "ANSIBLE_COLLECTIONS_PATH": str(REPO / "build" / "collections"),
         "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "false",
@@ -51,9 +62,9 @@ def parse_result(out: str) -> dict:
 
 
 def run_module(module: str, args: dict, *, check: bool = False, diff: bool = False, verbose: bool = False,
-               timeout: float = 1800) -> tuple[dict, str]:
+               timeout: float = 1800, host_tools: HostTools = DEFAULT_VARIANT) -> tuple[dict, str]:
     """Run ``module`` once; return its result and the whole output (stdout then stderr)."""
-    proc = subprocess.run(module_cmd(module, args, check, diff, verbose), env=ansible_env(), cwd=str(REPO),
+    proc = subprocess.run(module_cmd(module, args, check, diff, verbose), env=ansible_env(host_tools), cwd=str(REPO),
                           capture_output=True, text=True, timeout=timeout, check=False)
     try:
         return parse_result(proc.stdout), proc.stdout + proc.stderr
@@ -63,7 +74,8 @@ def run_module(module: str, args: dict, *, check: bool = False, diff: bool = Fal
 
 def run_playbook(playbook: str | os.PathLike[str], inventory: str | os.PathLike[str], *, limit: str | None = None,
                  extra_vars: dict | None = None, check: bool = False, diff: bool = False,
-                 tree_dir: str | os.PathLike[str] | None = None, timeout: float = 3600) -> tuple[int, str, dict]:
+                 tree_dir: str | os.PathLike[str] | None = None, timeout: float = 3600,
+                 host_tools: HostTools = DEFAULT_VARIANT) -> tuple[int, str, dict]:
     """``ansible-playbook`` of one of the collection's playbooks; return (rc, output, last result per host).
 
     The last result of each host (the ``tree`` callback's file, so the playbook's closing task) is read
@@ -77,7 +89,7 @@ def run_playbook(playbook: str | os.PathLike[str], inventory: str | os.PathLike[
         cmd.append("--check")
     if diff:
         cmd.append("--diff")
-    env = ansible_env()
+    env = ansible_env(host_tools)
     if tree_dir is not None:
         env.update({"ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.tree", "ANSIBLE_CALLBACK_TREE_DIR": str(tree_dir)})
     proc = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout, check=False)

@@ -3,7 +3,7 @@ with ``systemd-nspawn -b`` (systemd as PID 1 of the container), for tests of wha
 systemd-sysext merging release-bound images, units ordered after it, and later the pull unit and
 the update watcher.
 
-The root (debootstrap minbase of bookworm with ``systemd systemd-sysv kmod dbus``, about 240 MB) is
+The root (debootstrap minbase of bookworm, or trixie with ``suite="trixie"``, with ``systemd systemd-sysv kmod dbus``, about 240 MB) is
 built once and cached as ``$MODULUS_SIM_CACHE/booted-<hash>/rootfs`` (``<hash>`` = the recipe below);
 ``systemd-sysext.service`` is enabled in ``sysinit.target.wants``. Every boot runs on a writable
 overlay of that cached root (upper dir in a temporary directory), so the cache stays pristine.
@@ -44,6 +44,10 @@ from sim.kit import DEFAULT_MIRROR, KitError, _locked, _rmtree, _run, cache_root
 
 BOOTED_RECIPE_VERSION = "1"
 SUITE = "bookworm"
+# The roots booted tests run on: bookworm (systemd 252) and trixie (systemd 257, what current
+# Flatcar stable ships is 256/257). Both come from the same mirror; trixie is used for container
+# roots only and never enters the machine's own apt sources.
+SUITES = {"bookworm": "systemd 252", "trixie": "systemd 257"}
 PACKAGES = ("systemd", "systemd-sysv", "kmod", "dbus")
 PROBE_UNIT = "modulus-probe.service"
 _MONO_RE = re.compile(r"^SYSEXT-ACTIVE-MONO=(\d+)$", re.M)
@@ -54,6 +58,7 @@ _PROBE_RE = re.compile(r"^PROBE-START-WALL=([0-9.]+)$", re.M)
 class BootedRoot:
     path: Path  # the cached root; never modified by a boot
     recipe_hash: str
+    suite: str = SUITE
 
 
 @dataclass
@@ -67,42 +72,45 @@ class BootResult:
     timed_out: bool
 
 
-def recipe(mirror: str, extra_packages: tuple[str, ...] = ()) -> dict:
-    rec = {"version": BOOTED_RECIPE_VERSION, "suite": SUITE, "packages": list(PACKAGES), "mirror": mirror}
+def recipe(mirror: str, extra_packages: tuple[str, ...] = (), suite: str = SUITE) -> dict:
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    rec = {"version": BOOTED_RECIPE_VERSION, "suite": suite, "packages": list(PACKAGES), "mirror": mirror}
     if extra_packages:  # only then: the default root keeps its recipe (and its cache)
         rec["extra_packages"] = sorted(extra_packages)
     return rec
 
 
 def booted_root(cache_dir: str | os.PathLike[str] | None = None, mirror: str | None = None,
-                log=lambda msg: None, extra_packages: tuple[str, ...] = ()) -> BootedRoot:
-    """The cached systemd root (built on first use, ~35 s of debootstrap; a second process waits).
+                log=lambda msg: None, extra_packages: tuple[str, ...] = (), suite: str = SUITE) -> BootedRoot:
+    """The cached systemd root of Debian ``suite`` (``bookworm``: systemd 252, ``trixie``: systemd 257;
+    built on first use, ~35-60 s of debootstrap; a second process waits).
     ``extra_packages`` are installed too (a root of its own recipe, e.g. ``("git",)`` for ansible-pull)."""
     mirror = mirror or os.environ.get("MODULUS_SIM_MIRROR") or DEFAULT_MIRROR
-    rec = recipe(mirror, tuple(extra_packages))
+    rec = recipe(mirror, tuple(extra_packages), suite)
     packages = list(PACKAGES) + sorted(extra_packages)
     key = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
     base = cache_root(cache_dir)
     final = base / f"booted-{key}"
     done = final / "rootfs" / ".modulus-booted-done"
     if done.is_file():
-        return BootedRoot(final / "rootfs", key)
+        return BootedRoot(final / "rootfs", key, suite)
     for tool in ("debootstrap", "systemd-nspawn"):
         if not shutil.which(tool) and not Path("/usr/sbin", tool).exists():
             raise KitError(f"{tool} is needed for the booted container (Debian packages debootstrap, systemd-container)")
     with _locked(base / f".booted-{key}.lock"):
         if done.is_file():
-            return BootedRoot(final / "rootfs", key)
+            return BootedRoot(final / "rootfs", key, suite)
         work = base / f".booted-{key}.work"
         _rmtree(work)
         work.mkdir(parents=True)
         rootfs = work / "rootfs"
-        log(f"debootstrap {SUITE} with {', '.join(packages)} -> {rootfs}")
+        log(f"debootstrap {suite} with {', '.join(packages)} -> {rootfs}")
         debs = base / "debs"
         debs.mkdir(parents=True, exist_ok=True)
         try:
             _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), f"--cache-dir={debs}",
-                  "--components=main", SUITE, str(rootfs), mirror], "debootstrap of the booted container",
+                  "--components=main", suite, str(rootfs), mirror], "debootstrap of the booted container",
                  log_file=work / "debootstrap.log", timeout=3600)
         finally:
             umount_below(rootfs)
@@ -111,7 +119,7 @@ def booted_root(cache_dir: str | os.PathLike[str] | None = None, mirror: str | N
         (work / "recipe.json").write_text(json.dumps(rec, indent=2) + "\n")
         _rmtree(final)
         os.rename(work, final)
-    return BootedRoot(final / "rootfs", key)
+    return BootedRoot(final / "rootfs", key, suite)
 
 
 def dress(rootfs: Path) -> None:
@@ -151,33 +159,19 @@ def _probe_files(merged: Path, probe: str) -> None:
     (wants / PROBE_UNIT).symlink_to(f"/etc/systemd/system/{PROBE_UNIT}")
 
 
-def _put(src: Path, dest: Path) -> None:
-    """Copy a file or a tree into the boot's overlay, hard-linking where it can (same filesystem)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir():
-        shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy, dirs_exist_ok=True)
-    else:
-        link_or_copy(str(src), str(dest))
-
-
 def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, Path] | None = None,
          probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None,
-         files: dict[str, Path] | None = None, out_dir: Path | None = None, copy_root: bool = False) -> BootResult:
+         copy_in: dict[str, Path] | None = None, copy_root: bool = False,
+         out_dir: Path | None = None) -> BootResult:
     """Boot the root once on a fresh overlay with ``os_release`` as its ``/etc/os-release`` and
     ``/usr/lib/os-release``, the directory ``extensions`` (name -> directory) in
-    ``/var/lib/extensions``, ``files`` (guest path -> file or directory of this machine) in the base
-    root, and ``probe`` run after systemd-sysext; returns when it powered off. ``out_dir`` (the
-    guest's ``/out``) keeps what the probe wrote there; by default it is a temporary directory.
-    ``copy_root`` boots a full copy of the root instead of an overlay of it: ``/usr`` is then on a
-    plain filesystem, as on a host, so the sysext overlay on it can be the lower layer of one more
-    overlay (the kernel stacks overlays two deep; an overlay root would make the helper's the third)."""
+    ``/var/lib/extensions``, and ``probe`` run after systemd-sysext; returns when it powered off.
+    ``copy_in`` (absolute path in the container -> file or directory here) is copied into the root
+    first: e.g. a kit kernel's module tree at ``/usr/lib/modules/<kver>`` (the Debian root has none).
+    ``copy_root``: boot a copy of the root (``cp -a``, a few seconds) instead of an overlay on it, so
+    ``/usr`` is no overlay before systemd-sysext's: the kernel stacks at most two overlays, and
+    Flatcar's kmod helper mounts one more on the merged ``/usr/lib/modules/<kver>``. ``out_dir`` (the
+    container's ``/out``) keeps what the probe wrote there; by default it is a temporary directory."""
     from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack
 
     nspawn = shutil.which("systemd-nspawn") or "/usr/bin/systemd-nspawn"
@@ -188,8 +182,8 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
         ovl = work / "ovl"
         ovl.mkdir()
         if copy_root:
-            merged = work / "root"
-            subprocess.run(["cp", "-a", str(root.path), str(merged)], check=True)
+            merged = ovl / "root"
+            _run(["cp", "-a", str(root.path), str(merged)], "copying the booted root")
         else:
             merged = Path(stack.overlay(str(root.path), str(ovl), tmpfs=False))
         text = _os_release_text(os_release)
@@ -200,8 +194,13 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
             target.write_text(text)
         for name, src in (extensions or {}).items():
             shutil.copytree(src, merged / "var/lib/extensions" / name, symlinks=True)
-        for guest, src in (files or {}).items():
-            _put(Path(src), merged / guest.lstrip("/"))
+        for inside, src in (copy_in or {}).items():
+            target = merged / inside.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(src).is_dir():
+                shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, target)
         _probe_files(merged, probe)
         cmd = [nspawn, "--keep-unit", "--register=no", "-q", "-D", str(merged), "-b", f"--bind={out}:/out",
                "--machine=modulus-booted"]

@@ -19,6 +19,12 @@ the tree; ``kill_tree`` therefore also scans /proc. A run is recognised by its *
 process below it inherit it). ``processes_referencing`` finds processes whose environment holds the
 tag, or whose cmdline, cwd or root names one of the given directories: also those that left the
 session (daemons such as gpg-agent call ``setsid``).
+
+A test acts at a moment the run under test has certainly reached, never after a sleep: a build
+is held in make until the test lets it go or kills it (``HeldSource``, ``run_released``,
+``run_without_build``), a tool on the run's PATH finishes its work and waits (``ToolHold``), or
+the test sees a process blocked in a given system call (``in_syscall``, ``sleeping``: a waiter in
+its poll sleep).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import contextlib
 import fnmatch
 import json
 import os
+import platform
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -37,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from sim.ansible_run import REPO, ansible_env, module_cmd, parse_result
+from sim.hosttools import DEFAULT_VARIANT
 
 T = TypeVar("T")
 
@@ -75,13 +85,13 @@ class ModuleRun:
 
 
 def start_module(module: str, args: dict, *, tag_dir: Path, check: bool = False,
-                 env: Optional[dict[str, str]] = None) -> ModuleRun:
+                 env: Optional[dict[str, str]] = None, host_tools: Optional[str] = DEFAULT_VARIANT) -> ModuleRun:
     """Start ``ansible localhost -m module -a args`` in a new session; stdout+stderr go to a file in
     ``tag_dir``; ``TMPDIR`` is ``tag_dir/tmp`` (created) and ``MODULUS_FAULT_TAG`` a random tag."""
     tag_dir = Path(tag_dir)
     (tag_dir / "tmp").mkdir(parents=True, exist_ok=True)
     tag = "modulus-fault-" + secrets.token_hex(6)
-    full_env = ansible_env()
+    full_env = ansible_env(host_tools)
     full_env.update({"TMPDIR": str(tag_dir / "tmp"), "MODULUS_FAULT_TAG": tag})
     if env:
         full_env.update(env)
@@ -106,6 +116,133 @@ def wait_for(condition: Callable[[], T], timeout: float, *, interval: float = 0.
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- held builds
+
+HELD, GO = "held", "go"
+# Read by make in the container before anything is compiled: say so (``held`` beside the Kbuild),
+# then wait until the test says ``go`` (or kills the run). ``$(src)`` is the absolute module
+# directory (``M=``) in kbuild; the Kbuild is read more than once per build, every read waits.
+HOLD_KBUILD = ("# sim.faults.HeldSource: announce the build, then wait for the test's go\n"
+               f"$(shell touch $(src)/{HELD}; while [ ! -e $(src)/{GO} ]; do sleep 0.05; done)\n")
+
+
+@dataclass
+class HeldSource:
+    """A copy of a Kbuild module source (kmod_build's generic recipe) whose every build is held.
+
+    kmod_build copies the source to ``<dest parent>/.<dest>.build-*/work/src`` on the host, which is
+    bind-mounted read-write into the container; when ``make`` reads the Kbuild there it creates
+    ``held`` in that copy and blocks until ``go`` appears beside it. So a test knows the container
+    is running the build (``wait_held``), and decides when it goes on (``release``) or is killed."""
+    path: Path
+
+    @classmethod
+    def make(cls, src: Path, dest: Path) -> HeldSource:
+        """Copy the module source ``src`` to ``dest`` and prepend the hold to its Kbuild."""
+        shutil.copytree(src, dest, symlinks=True)
+        kbuild = Path(dest) / "Kbuild"
+        kbuild.write_text(HOLD_KBUILD + kbuild.read_text())
+        return cls(Path(dest))
+
+    @staticmethod
+    def held(parent: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+        """The build copies (``.../work/src``) in the kmod_build workspaces under ``parent`` that were
+        held (``held`` is there, ``go`` not yet), but those in ``exclude``: the workspace of a killed
+        run stays until the next run sweeps it."""
+        skip = {Path(p) for p in exclude}
+        return sorted(p.parent for p in Path(parent).glob(f".*.build-*/work/src/{HELD}")
+                      if not (p.parent / GO).exists() and p.parent not in skip)
+
+    def wait_held(self, parent: Path, run: ModuleRun, timeout: float = 600, exclude: Iterable[Path] = ()) -> Path:
+        """Wait until a build of ``run`` is held under ``parent`` (one not in ``exclude``); its copy."""
+        return wait_for(lambda: self.held(parent, exclude), timeout, run=run, what=f"a held build under {parent}")[0]
+
+    @staticmethod
+    def release(copy: Path) -> None:
+        """Let the held build of ``copy`` (from ``held``/``wait_held``) go on."""
+        (Path(copy) / GO).touch()
+
+
+@dataclass
+class HeldRun:
+    result: dict
+    output: str
+    held_for: float  # seconds from seeing the build held to releasing it: the run was alive all along
+    wall: float  # seconds from starting the module to its end, measured here
+
+
+def run_released(module: str, args: dict, source: HeldSource, parent: Path, *, tag_dir: Path,
+                 hold: float = 0.0, timeout: float = 600) -> HeldRun:
+    """Run ``module`` (whose build uses ``source``), wait until its build is held, keep it held
+    ``hold`` seconds more (so that the run certainly lasts that long), release it and return its result."""
+    killed = HeldSource.held(parent)
+    started = time.monotonic()
+    run = start_module(module, args, tag_dir=tag_dir)
+    try:
+        copy = source.wait_held(parent, run, timeout=timeout, exclude=killed)
+        seen = time.monotonic()
+        time.sleep(hold)
+        held_for = time.monotonic() - seen  # before the release: the run cannot end earlier
+        source.release(copy)
+        result = run.result(timeout=timeout)
+    finally:
+        if run.proc.poll() is None:
+            kill_tree(run)
+    return HeldRun(result, run.output(), held_for, time.monotonic() - started)
+
+
+@dataclass
+class ToolHold:
+    """A stand-in for an executable, first on the PATH of a module run (``env()``): it runs the real
+    one, then creates ``held`` in its directory and waits until ``go`` appears there (``release``)
+    or it is killed. The test knows the tool's work is done and the module waits for it."""
+    directory: Path
+    tool: str
+
+    @classmethod
+    def make(cls, directory: Path, tool: str) -> ToolHold:
+        real = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+        if real is None:
+            raise FileNotFoundError(f"{tool} is not installed")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        script = directory / tool
+        script.write_text(f"#!/bin/sh\n# sim.faults.ToolHold: {real}, then wait for the test's go\n"
+                          f"{shlex.quote(real)} \"$@\" || exit $?\n"
+                          f"touch {shlex.quote(str(directory / HELD))}\n"
+                          f"while [ ! -e {shlex.quote(str(directory / GO))} ]; do sleep 0.05; done\n")
+        script.chmod(0o755)
+        return cls(directory, tool)
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": f"{self.directory}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+    def held(self) -> bool:
+        return (self.directory / HELD).exists() and not (self.directory / GO).exists()
+
+    def release(self) -> None:
+        (self.directory / GO).touch()
+
+
+def run_without_build(module: str, args: dict, parent: Path, *, tag_dir: Path,
+                      timeout: float = 600) -> tuple[dict, str, float]:
+    """Run ``module``, whose build would be held (``HeldSource``), when no build must start (up to
+    date, a known failure): (result, output, wall seconds). A build held under ``parent`` fails the
+    call at once (the run is killed) instead of waiting forever."""
+    killed = HeldSource.held(parent)
+    started = time.monotonic()
+    run = start_module(module, args, tag_dir=tag_dir)
+    try:
+        wait_for(lambda: run.proc.poll() is not None or HeldSource.held(parent, killed), timeout,
+                 what="the end of the run")
+        held = HeldSource.held(parent, killed)
+    finally:
+        if run.proc.poll() is None:
+            kill_tree(run)
+    assert not held, f"a build started: make was held in {held}\n{run.output()[-3000:]}"
+    return run.result(), run.output(), time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- processes
@@ -218,6 +355,29 @@ def _parents() -> dict[int, int]:
             if stat:
                 out[int(name)] = int(stat[stat.rfind(b")") + 2:].split()[1])
     return out
+
+
+# the numbers of the few system calls the tests look for a process blocked in, by machine
+SYSCALLS = {"x86_64": {"nanosleep": 35, "clock_nanosleep": 230, "flock": 73},
+            "aarch64": {"nanosleep": 101, "clock_nanosleep": 115, "flock": 32}}
+SLEEPS = ("nanosleep", "clock_nanosleep")  # Python's time.sleep, sleep(1)
+
+
+def in_syscall(pid: int, names: Iterable[str], tid: Optional[int] = None) -> bool:
+    """Whether process ``pid`` (its thread ``tid``) is blocked in one of the system calls ``names``
+    right now (``/proc/<pid>/syscall`` names the call a blocked task is in, "running" otherwise)."""
+    table = SYSCALLS[platform.machine()]
+    wanted = {table[n] for n in names}
+    path = f"/proc/{pid}/syscall" if tid is None else f"/proc/{pid}/task/{tid}/syscall"
+    call = _read(path).split(maxsplit=1)
+    return bool(call) and call[0].isdigit() and int(call[0]) in wanted
+
+
+def sleeping(run: ModuleRun, cmdline: str) -> list[Proc]:
+    """The run's processes whose command line contains ``cmdline`` and that are blocked in a sleep
+    right now: e.g. a module in the poll sleep of a wait, which it enters only once it has looked
+    and found it must wait."""
+    return [p for p in processes_referencing([], [run.tag]) if cmdline in p.cmdline and in_syscall(p.pid, SLEEPS)]
 
 
 def kill_tree(run: ModuleRun, dirs: Iterable[Path] = (), timeout: float = 30) -> list[Proc]:

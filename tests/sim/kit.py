@@ -629,15 +629,19 @@ class Kit:
 
     def host_root(self, tmp: str | os.PathLike[str], update: str = "idle", legacy: bool = False, *,
                   etc_update_conf: dict[str, str] | str | None = None, group: str | None = None,
-                  server: str | None = None, booted: str = "A", release: str = "current") -> Path:
+                  server: str | None = None, booted: str = "A", release: str = "current",
+                  usr_fs: str | None = None) -> Path:
         """A directory laid out like a Flatcar (or legacy CoreOS) host's / for the modules to read.
 
+        ``usr_fs``: the file system of the USR partitions, ``btrfs`` (Flatcar since July 2021, the
+        default) or ``ext2`` (older Flatcar and CoreOS releases, the default with ``legacy``).
         See tests/sim/README.md for every file. Returns the new root (a fresh directory under ``tmp``).
         """
         cur = self.releases[release]
         pend = self.releases.get("pending", cur)
         return make_host_root(Path(tmp), current=cur, pending=pend, update=update, legacy=legacy,
-                              etc_update_conf=etc_update_conf, group=group, server=server, booted=booted)
+                              etc_update_conf=etc_update_conf, group=group, server=server, booted=booted,
+                              usr_fs=usr_fs or ("ext2" if legacy else "btrfs"))
 
 
 RELEASE_FILES = (IMAGE_NAME, f"{IMAGE_NAME}.sig", f"{IMAGE_NAME}.DIGESTS", f"{IMAGE_NAME}.DIGESTS.asc", "version.txt",
@@ -658,6 +662,7 @@ BUILD_TOOLS = {  # command -> Debian package
     "debootstrap": "debootstrap",
     "sgdisk": "gdisk",
     "mkfs.ext4": "e2fsprogs",
+    "mkfs.btrfs": "btrfs-progs",
     "gpg": "gnupg",
     "gpgv": "gpgv",
     "gpgconf": "gpgconf",
@@ -793,6 +798,8 @@ class ReleaseServer:
         self._extra: dict[str, bytes | Path] = {}  # add_file(): URL path -> content or file
         self.hits: list[str] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        # when set, each request is also appended to this file as a JSON line, before it is answered
+        self.request_log: Optional[Path] = None
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -912,6 +919,9 @@ class ReleaseServer:
         with self._lock:
             self.hits.append(path)
             self.requests.append((method, path, status))
+            if self.request_log is not None:
+                with open(self.request_log, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"method": method, "path": path, "status": status}) + "\n")
 
     # routing
     def resolve(self, path: str) -> Optional[Path]:
@@ -1096,30 +1106,43 @@ esac
 """
 
 
+USR_PARTITION_SIZE = 16 * 1024**2  # sparse; mkfs.btrfs --mixed fits a small tree in 16 MiB
+
+
 def _usr_partition_image(path: Path, label: str, version: str | None, board: str, legacy: bool,
-                         kernel: str | None = None) -> None:
-    """A small ext4 image with what a /usr partition holds of its release (or empty: never written):
-    its release files and its kernel's module directory ``lib/modules/<kernel>/`` (with an index)."""
+                         kernel: str | None = None, fs: str = "btrfs") -> None:
+    """A small image file of a /usr partition: btrfs as Flatcar formats it since 2021
+    (``mkfs.btrfs --mixed -m single -d single`` as build_library/disk_util does, filled with
+    ``--rootdir``, no mount), or ext2 as releases before that (``fs="ext2"``), with its release files
+    and its kernel's module directory ``lib/modules/<kernel>/`` (with an index). A partition never
+    written (``version=None``) is all zeros: Flatcar leaves USR-B unformatted until the first update."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.truncate(USR_PARTITION_SIZE)
+    if version is None:
+        return
     with tempfile.TemporaryDirectory(prefix="sim-usr-") as d:
         tree = Path(d)
-        if version is not None and kernel is not None:
+        if kernel is not None:
             moddir = tree / "lib/modules" / kernel
             _write(moddir / "modules.dep", "")
             _write(moddir / "modules.builtin", "")
             (moddir / "kernel").mkdir(parents=True, exist_ok=True)
-        if version is not None:
-            if legacy:
-                _write(tree / "lib/os-release", coreos_os_release_text(version, board))
-                _write(tree / "share/coreos/release", coreos_release_text(version, board))
-            else:
-                _write(tree / "lib/os-release", flatcar_os_release_text(version, board))
-                _write(tree / "share/flatcar/release", flatcar_release_text(version, board))
-                _symlink("flatcar", tree / "share/coreos")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.truncate(8 * 1024**2)
-        _run(["mkfs.ext4", "-q", "-F", "-L", label, "-O", "^has_journal", "-E", "root_owner=0:0", "-d", str(tree),
-              str(path)], f"mkfs.ext4 of the simulated {label} partition")
+        if legacy:
+            _write(tree / "lib/os-release", coreos_os_release_text(version, board))
+            _write(tree / "share/coreos/release", coreos_release_text(version, board))
+        else:
+            _write(tree / "lib/os-release", flatcar_os_release_text(version, board))
+            _write(tree / "share/flatcar/release", flatcar_release_text(version, board))
+            _symlink("flatcar", tree / "share/coreos")
+        if fs == "btrfs":
+            _run(["mkfs.btrfs", "-q", "-f", "-L", label, "--mixed", "-m", "single", "-d", "single",
+                  "--rootdir", str(tree), str(path)], f"mkfs.btrfs of the simulated {label} partition")
+        elif fs == "ext2":
+            _run(["mkfs.ext2", "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-d", str(tree), str(path)],
+                 f"mkfs.ext2 of the simulated {label} partition")
+        else:
+            raise ValueError(f"usr_fs must be 'btrfs' or 'ext2', got {fs!r}")
 
 
 def _kv(d: dict[str, str]) -> str:
@@ -1128,7 +1151,8 @@ def _kv(d: dict[str, str]) -> str:
 
 def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, update: str = "idle",
                    legacy: bool = False, etc_update_conf: dict[str, str] | str | None = None,
-                   group: str | None = None, server: str | None = None, booted: str = "A") -> Path:
+                   group: str | None = None, server: str | None = None, booted: str = "A",
+                   usr_fs: str = "btrfs") -> Path:
     """Lay out a Flatcar (or legacy CoreOS) host root under a new directory in ``tmp``."""
     if update not in UPDATE_STATES:
         raise ValueError(f"update must be one of {', '.join(UPDATE_STATES)}, got {update!r}")
@@ -1167,9 +1191,9 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
     booted_uuid, other_uuid = (USR_A_PARTUUID, USR_B_PARTUUID) if booted == "A" else (USR_B_PARTUUID, USR_A_PARTUUID)
     booted_label, other_label = ("USR-A", "USR-B") if booted == "A" else ("USR-B", "USR-A")
     by_label = root / "dev/disk/by-partlabel"
-    _usr_partition_image(by_label / booted_label, booted_label, version, board, legacy, current.kernel)
+    _usr_partition_image(by_label / booted_label, booted_label, version, board, legacy, current.kernel, usr_fs)
     _usr_partition_image(by_label / other_label, other_label, other_version, pending.board, legacy,
-                         pending.kernel if written else None)
+                         pending.kernel if written else None, usr_fs)
     _symlink(f"../by-partlabel/{booted_label}", root / "dev/disk/by-partuuid" / booted_uuid)
     _symlink(f"../by-partlabel/{other_label}", root / "dev/disk/by-partuuid" / other_uuid)
     prefix = "coreos" if legacy else "flatcar"

@@ -1,7 +1,7 @@
 """A booted systemd container dressed as a Flatcar host, for the pull units (tests/integration/test_pull_unit.py).
 
 Built from the booted root of ``sim.booted`` (debootstrap minbase with systemd, plus ``git`` for
-ansible-pull; no Python at all), on a writable overlay that lives across boots, so a test can boot
+ansible-pull and ``btrfs-progs`` for the USR partitions, both on Flatcar too; no Python at all), on a writable overlay that lives across boots, so a test can boot
 it, drive it, power it off, change its release and boot it again:
 
 - its ``/`` carries the kit host root's Flatcar files (release files, ``update_engine_client``);
@@ -53,8 +53,9 @@ SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "site-packages", "lib
 
 
 def pull_root(log=lambda msg: None) -> BootedRoot:
-    """The booted root with git (ansible-pull clones with it), cached like sim.booted's."""
-    return booted_root(extra_packages=("git",), log=log)
+    """The booted root with git (ansible-pull clones with it) and btrfs-progs (the collection reads the
+    btrfs USR partitions with ``btrfs restore``), both on every Flatcar host; cached like sim.booted's."""
+    return booted_root(extra_packages=("btrfs-progs", "git"), log=log)
 
 
 def _ldd(path: Path) -> list[Path]:

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
+from sim.hosttools import DEFAULT_VARIANT, host_env, host_path
 from sim.kit import Kit, KitError
 from sim.s3 import ENV_ENDPOINT, TEST_KEY_ID, TEST_SECRET, MotoServer, client
 
@@ -57,13 +58,26 @@ def nvidia_driver() -> dict[str, Any]:
     return {"name": "nvidia", "version": run.version, "source": str(run.path), "checksum": f"sha256:{run.sha256}"}
 
 
+# The role's default image format (squashfs) needs mksquashfs, which no stock Flatcar host has
+# (sim.hosttools). Until the collection makes its images another way, role runs that install opt in
+# to a newer Flatcar host (mkfs.erofs, sim.hosttools "main") that makes erofs images:
+# ``Fleet(..., **UNTIL_IMAGE_FIX)``, ``python -m sim.stack up --host-tools main`` with
+# ``modulus_sysext_format: erofs``. Without it a fleet is a stock stable host.
+UNTIL_IMAGE_FIX: dict[str, Any] = {"host_tools": "main", "image_format": "erofs"}
+
+
 class Fleet:
     """Everything a role run needs, started in ``start()`` and released in ``stop()``."""
 
     def __init__(self, work: str | os.PathLike[str], hosts: list[str], *, drivers: Optional[list[dict]] = None,
                  update: str = "need_reboot", bucket: str = "", prefix: str = "flatcar",
-                 extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False) -> None:
+                 extra_vars: Optional[dict[str, Any]] = None, clean_store: bool = False,
+                 host_tools: Optional[str] = DEFAULT_VARIANT, image_format: Optional[str] = None) -> None:
         self.work = Path(work).resolve()
+        # The PATH of ansible-playbook and so of every module on the simulated hosts (local
+        # connection): a stock Flatcar host's commands (sim.hosttools), "main" for a newer release.
+        self.host_tools = host_tools
+        self.image_format = image_format  # modulus_sysext_format of the fleet, when given
         self.hosts = list(hosts)
         self.drivers = drivers if drivers is not None else [dict(HELLO_DRIVER)]
         self.update = update
@@ -171,6 +185,10 @@ class Fleet:
             "modulus_become": False,
             "modulus_python_mode": "none",
             "modulus_lock_poll": 2,
+            # The PATH of a stock Flatcar host (sim.hosttools): Molecule's converge sets it for the play;
+            # Fleet.playbook() runs ansible-playbook itself with it.
+            **({"sim_host_path": host_path(self.host_tools)} if self.host_tools else {}),
+            **({"modulus_sysext_format": self.image_format} if self.image_format else {}),
             **self.extra_vars,
         }
 
@@ -192,7 +210,7 @@ class Fleet:
 
     # ---- running the role -----------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = host_env(dict(os.environ), self.host_tools)
         env.setdefault("ANSIBLE_COLLECTIONS_PATH", str(REPO / "build" / "collections"))
         env["ANSIBLE_LOCALHOST_WARNING"] = "false"
         env["ANSIBLE_INVENTORY_UNPARSED_WARNING"] = "false"
@@ -218,7 +236,8 @@ class Fleet:
 def _serve(args: argparse.Namespace) -> int:
     drivers = json.loads(args.drivers) if args.drivers else None
     fleet = Fleet(args.work, args.hosts.split(","), drivers=drivers, bucket=args.bucket, prefix=args.prefix,
-                  extra_vars=json.loads(args.extra_vars) if args.extra_vars else None, clean_store=args.clean_store)
+                  extra_vars=json.loads(args.extra_vars) if args.extra_vars else None, clean_store=args.clean_store,
+                  host_tools=None if args.host_tools == "machine" else args.host_tools)
     stop = {"now": False}
 
     def _term(*_: object) -> None:
@@ -227,30 +246,20 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     with fleet:
+        # the detached server's memory is out of reach of the tests (``Fleet.devcontainer_requests()``
+        # works in-process only): it writes each request to the log before answering it, so a client
+        # that got an answer finds its request there
         log = fleet.work / REQUEST_LOG
         log.unlink(missing_ok=True)
-        logged = 0
+        assert fleet.server is not None
+        fleet.server.request_log = log
         (fleet.work / STATE).write_text(json.dumps({**fleet.state(), "pid": os.getpid(), "request_log": str(log)},
                                                       indent=2))
         print(f"sim.stack: fleet of {len(fleet.hosts)} up, inventory {fleet.work / 'inventory'}", flush=True)
         while not stop["now"]:
-            logged = _log_requests(fleet, log, logged)
-            time.sleep(0.5)
-        _log_requests(fleet, log, logged)
+            time.sleep(0.5)  # until SIGTERM or SIGINT
     (fleet.work / STATE).unlink(missing_ok=True)
     return 0
-
-
-def _log_requests(fleet: Fleet, log: Path, logged: int) -> int:
-    """Append the release server's requests not yet in ``log`` (the detached server's memory is out of
-    reach of the tests: ``Fleet.devcontainer_requests()`` works in-process only). Returns the new count."""
-    assert fleet.server is not None
-    new = list(fleet.server.requests[logged:])
-    if new:
-        with open(log, "a", encoding="utf-8") as fh:
-            for method, path, status in new:
-                fh.write(json.dumps({"method": method, "path": path, "status": status}) + "\n")
-    return logged + len(new)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -266,7 +275,8 @@ def _up(args: argparse.Namespace) -> int:
         argv += ["--drivers", args.drivers]
     if args.extra_vars:
         argv += ["--extra-vars", args.extra_vars]
-    argv += ["--bucket", args.bucket, "--prefix", args.prefix] + (["--clean-store"] if args.clean_store else [])
+    argv += ["--bucket", args.bucket, "--prefix", args.prefix, "--host-tools", args.host_tools] \
+        + (["--clean-store"] if args.clean_store else [])
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=str(REPO))
     deadline = time.monotonic() + args.timeout
@@ -324,6 +334,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--clean-store", action="store_true",
                        help="delete every object below the prefix first (a shared endpoint keeps them between runs)")
         p.add_argument("--timeout", type=float, default=900.0)
+        p.add_argument("--host-tools", default=DEFAULT_VARIANT, choices=["stable", "main", "machine"],
+                       help="the commands of the simulated hosts: a stock stable Flatcar host's (default), a newer "
+                            "release's (mkfs.erofs too), or this machine's")
     p = sub.add_parser("down")
     p.add_argument("--work", required=True)
     p.add_argument("--purge", action="store_true", help="also remove the work directory")

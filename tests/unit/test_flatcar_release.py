@@ -20,6 +20,8 @@ NEW_SIZE=486539264
 """
 MKFS = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
 HAVE_E2FS = os.path.exists(MKFS) and (shutil.which("debugfs") or os.path.exists("/usr/sbin/debugfs"))
+MKFS_BTRFS = shutil.which("mkfs.btrfs") or "/usr/sbin/mkfs.btrfs"
+HAVE_BTRFS = os.path.exists(MKFS_BTRFS) and bool(shutil.which("btrfs") or os.path.exists("/usr/bin/btrfs"))
 
 
 def write(root: Path, rel: str, text: str, mode: int = 0o644) -> Path:
@@ -51,7 +53,8 @@ def fake_update_engine(root: Path, status: str, rc: int = 0) -> list[str]:
     return [str(script)]
 
 
-def ext4_usr(path: Path, tmp_path: Path, version: str, kernels: tuple[str, ...] = ()) -> Path:
+def usr_image(path: Path, tmp_path: Path, version: str, kernels: tuple[str, ...] = (), fs: str = "btrfs") -> Path:
+    """A USR partition image: btrfs as Flatcar makes it since 2021, or ext2/ext4 of older releases."""
     tree = tmp_path / f"usrtree-{version}-{path.name}"
     (tree / "lib").mkdir(parents=True)
     (tree / "lib" / "os-release").write_text(f'ID=flatcar\nVERSION={version}\nVERSION_ID={version}\nNAME="Flatcar"\n')
@@ -60,9 +63,17 @@ def ext4_usr(path: Path, tmp_path: Path, version: str, kernels: tuple[str, ...] 
         (tree / "lib" / "modules" / kver / "modules.dep").write_text("")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
-        fh.truncate(4 << 20)
-    subprocess.run([MKFS, "-q", "-F", "-d", str(tree), str(path)], check=True, capture_output=True)
+        fh.truncate(16 << 20)
+    if fs == "btrfs":
+        cmd = [MKFS_BTRFS, "-q", "-f", "--mixed", "-m", "single", "-d", "single", "--rootdir", str(tree), str(path)]
+    else:
+        cmd = [MKFS, "-q", "-F", "-t", fs, "-d", str(tree), str(path)]
+    subprocess.run(cmd, check=True, capture_output=True)
     return path
+
+
+USR_FS = [pytest.param("btrfs", marks=pytest.mark.skipif(not HAVE_BTRFS, reason="btrfs-progs is not installed")),
+          pytest.param("ext2", marks=pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs is not installed"))]
 
 
 # ------------------------------------------------------------------ parsing
@@ -212,27 +223,27 @@ def test_zero_version_without_usr_partitions_fails_saying_why(tmp_path: Path) ->
         fr.resolve_release("pending", str(root))
 
 
-@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+@pytest.mark.parametrize("fs", USR_FS)
 @pytest.mark.parametrize("booted", ["A", "B"])
-def test_zero_version_reads_the_not_booted_usr_partition(tmp_path: Path, booted: str) -> None:
+def test_zero_version_reads_the_not_booted_usr_partition(tmp_path: Path, booted: str, fs: str) -> None:
     root = flatcar_root(tmp_path)
     fake_update_engine(root, REAL_STATUS.replace("4459.2.2", "0.0.0"))
     uuid = fr.USR_A_UUID if booted == "A" else fr.USR_B_UUID
     write(root, "proc/cmdline", f"BOOT_IMAGE=/flatcar/vmlinuz-a mount.usr=/dev/mapper/usr verity.usr=PARTUUID={uuid}\n")
     labels = {"A": ("USR-A", "USR-B"), "B": ("USR-B", "USR-A")}[booted]
-    ext4_usr(root / "dev/disk/by-partlabel" / labels[0], tmp_path, "4459.2.1")
-    ext4_usr(root / "dev/disk/by-partlabel" / labels[1], tmp_path, "4459.2.3")
+    usr_image(root / "dev/disk/by-partlabel" / labels[0], tmp_path, "4459.2.1", fs=fs)
+    usr_image(root / "dev/disk/by-partlabel" / labels[1], tmp_path, "4459.2.3", fs=fs)
     resolved = fr.resolve_release("pending", str(root))
     assert (resolved.version, resolved.pending, resolved.source) == ("4459.2.3", True, "usr-partition")
     assert resolved.usr_partition.endswith(labels[1])
 
 
-@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+@pytest.mark.skipif(not HAVE_BTRFS, reason="btrfs-progs is not installed")
 def test_zero_version_without_cmdline_picks_the_partition_that_differs(tmp_path: Path) -> None:
     root = flatcar_root(tmp_path)
     fake_update_engine(root, REAL_STATUS.replace("4459.2.2", "0.0.0"))
-    ext4_usr(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1")
-    ext4_usr(root / "dev" / "vda4", tmp_path, "4459.2.4")
+    usr_image(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1")
+    usr_image(root / "dev" / "vda4", tmp_path, "4459.2.4")
     (root / "dev/disk/by-partuuid").mkdir(parents=True)
     os.symlink("/dev/vda4", root / "dev/disk/by-partuuid" / fr.USR_B_UUID)  # absolute: inside host_root
     assert fr.resolve_release("pending", str(root)).version == "4459.2.4"
@@ -248,11 +259,26 @@ def test_unknown_update_engine_state_is_refused_with_its_raw_text(tmp_path: Path
         fr.resolve_release("pending", str(root))
 
 
-def test_a_hung_update_engine_client_is_killed_with_its_children(tmp_path: Path) -> None:
+def test_a_hung_update_engine_client_is_killed_with_its_children(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pidfile = tmp_path / "child.pid"
     script = write(tmp_path, "uec", f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n", mode=0o755)
+
+    class Started(subprocess.Popen):
+        """The client's timeout runs from the moment it has started its child (it wrote the pid file),
+        however long the machine takes to get there."""
+
+        def communicate(self, input=None, timeout=None):  # Popen's signature
+            if timeout is not None and self.args[0] == str(script):
+                while not (pidfile.exists() and pidfile.read_text().endswith("\n")):
+                    assert self.poll() is None, "the client ended before it started its child"
+                    time.sleep(0.01)
+            return super().communicate(input, timeout)
+
+    monkeypatch.setattr(fr.subprocess, "Popen", Started)
     with pytest.raises(fr.ReleaseError, match="did not answer within 0.5 s"):
         fr.query_update_engine([str(script)], timeout=0.5)
+    monkeypatch.undo()
     child = int(pidfile.read_text())
 
     def gone() -> bool:
@@ -294,29 +320,29 @@ def test_targets_of_an_idle_host_are_the_current_release_only(tmp_path: Path) ->
         "note": None}
 
 
-@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+@pytest.mark.parametrize("fs", USR_FS)
 @pytest.mark.parametrize("zero", [False, True])
-def test_pending_kernel_comes_from_the_not_booted_usr_partition(tmp_path: Path, zero: bool) -> None:
+def test_pending_kernel_comes_from_the_not_booted_usr_partition(tmp_path: Path, zero: bool, fs: str) -> None:
     root = flatcar_root(tmp_path)
     write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
     fake_update_engine(root, REAL_STATUS.replace("4459.2.2", "0.0.0") if zero else REAL_STATUS)
     write(root, "proc/cmdline", f"mount.usr=/dev/mapper/usr verity.usr=PARTUUID={fr.USR_A_UUID}\n")
-    ext4_usr(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",))
-    ext4_usr(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.2", ("6.6.100-flatcar",))
+    usr_image(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",), fs=fs)
+    usr_image(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.2", ("6.6.100-flatcar",), fs=fs)
     pending = fr.host_targets(str(root))["pending"]
     assert (pending.os_version, pending.kernel_release, pending.kernel_source) == (
         "4459.2.2", "6.6.100-flatcar", "usr-partition")
     assert pending.usr_partition.endswith("USR-B") and pending.note is None
 
 
-@pytest.mark.skipif(not HAVE_E2FS, reason="e2fsprogs (mkfs.ext4, debugfs) is not installed")
+@pytest.mark.skipif(not HAVE_BTRFS, reason="btrfs-progs is not installed")
 def test_pending_kernel_is_unknown_when_the_partition_disagrees(tmp_path: Path) -> None:
     root = flatcar_root(tmp_path)
     write(root, "proc/sys/kernel/osrelease", "6.6.95-flatcar\n")
     fake_update_engine(root, REAL_STATUS)  # says 4459.2.2
     write(root, "proc/cmdline", f"verity.usr=PARTUUID={fr.USR_A_UUID}\n")
-    ext4_usr(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",))
-    ext4_usr(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.0", ("6.6.90-flatcar",))
+    usr_image(root / "dev/disk/by-partlabel/USR-A", tmp_path, "4459.2.1", ("6.6.95-flatcar",))
+    usr_image(root / "dev/disk/by-partlabel/USR-B", tmp_path, "4459.2.0", ("6.6.90-flatcar",))
     pending = fr.host_targets(str(root))["pending"]
     assert pending.os_version == "4459.2.2" and pending.kernel_release is None
     assert pending.kernel_source == "unknown" and "holds 4459.2.0, update_engine says 4459.2.2" in pending.note
