@@ -458,8 +458,26 @@ def lock(store: Optional[Store], ident: dict[str, Optional[str]], owner: str, tt
     return _result(res.acquired and not res.renewed, store, key=key, lock=out)
 
 
+def held(store: Optional[Store], ident: dict[str, Optional[str]], owner: str, token: str, ttl: float,
+         job_file: str, check_mode: bool = False) -> dict[str, Any]:
+    """Renew the fleet lock ``owner`` took (``token``) for as long as the async job of ``job_file`` runs
+    (``_archive.hold``). Result ``lock``: ``job`` (finished, gone, orphaned), ``lost``, ``renewals``."""
+    from ansible_collections.modulus.kmods.plugins.module_utils._archive import hold as hd
+
+    key = ar.archive_key(ident)
+    watch = hd.watch_job(job_file)  # checks the job's name first
+    if store is None or not store.supports_lock or check_mode:
+        nothing = {"job": None, "lost": False, "renewals": 0, "holder": None,
+                   "key": None if store is None else ar.lease_key(key)}
+        return _result(False, store, key=key, lock=nothing)
+    lkey = ar.lease_key(key)
+    res = hd.hold(store, lkey, owner, token, ttl, watch, parent_alive=hd.parent_watch())
+    res.update(key=lkey, owner=owner)
+    return _result(False, store, key=key, lock=res)
+
+
 def unlock(store: Optional[Store], ident: dict[str, Optional[str]], owner: str,
-           check_mode: bool = False) -> dict[str, Any]:
+           check_mode: bool = False, token: Optional[str] = None) -> dict[str, Any]:
     key = ar.archive_key(ident)
     lkey = ar.lease_key(key)
     if store is None:
@@ -468,8 +486,8 @@ def unlock(store: Optional[Store], ident: dict[str, Optional[str]], owner: str,
         raise StoreError(f"store {store.url} is read-only (http): it holds no lock")
     if check_mode:
         seen = ls.inspect(store, lkey)
-        mine = (seen["holder"] or {}).get("owner") == owner
+        mine = ls.ours(seen["holder"] or {}, owner, token)
         return _result(mine, store, key=key, lock={"released": False, "holder": seen["holder"], "key": lkey})
-    res = ls.release(store, lkey, owner)
+    res = ls.release(store, lkey, owner, token)
     res["key"] = lkey
     return _result(bool(res["released"]), store, key=key, lock=res)

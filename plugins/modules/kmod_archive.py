@@ -30,6 +30,9 @@ description:
     and imports them with a manifest made from their content.
   - The fleet lock is a lease object beside the archive, created with a conditional write and
     expiring after O(lock_ttl) seconds; a stale lease is taken over with a compare-and-swap.
+  - Its holder is named by the machine, C(<hostname>/<id>), the ID derived from C(/etc/machine-id) (see O(lock_owner)),
+    and each acquisition by a random token (C(token) in RV(lock)). The holder renews the lease while it works
+    (O(state=held)), so the TTL can be short; a holder that died loses its lease within O(lock_ttl) seconds.
 author:
   - modulus contributors (@modulus)
 extends_documentation_fragment:
@@ -43,9 +46,12 @@ options:
       - V(absent) deletes the build from the store.
       - V(locked) takes the fleet lock for the build, unless the archive already exists; waits at most
         O(lock_wait) seconds for another holder to finish. Read RV(lock) to decide what to do.
-      - V(unlocked) releases the lock taken by O(lock_owner).
+      - V(held) renews the lock taken by O(lock_owner) with O(lock_token) every third of O(lock_ttl) for as long
+        as the async task whose results file is O(job) runs, then returns (C(job) in RV(lock) says how the job ended).
+      - V(unlocked) releases the lock taken by O(lock_owner) (with O(lock_token) when given), only when the
+        lease is still that one, unchanged.
     type: str
-    choices: [present, fetched, query, absent, locked, unlocked]
+    choices: [present, fetched, query, absent, locked, held, unlocked]
     default: present
   src:
     description:
@@ -158,15 +164,38 @@ options:
         (C(/tmp) is a small tmpfs on Flatcar).
     type: path
   lock_owner:
-    description: Who holds the lock. Defaults to the host's fully qualified name.
+    description:
+      - Who holds the lock.
+      - Defaults to C(<hostname>/<id>) of the machine below O(host_root). The hostname is the kernel's
+        (C(/proc/sys/kernel/hostname)), else C(/etc/hostname). The ID is systemd's application-specific ID of
+        C(/etc/machine-id), the same that C(systemd-id128 machine-id --app-specific=5b0bd2b2c1a24f0e9d4c7c3e8a61f0d7) prints, so
+        the machine ID itself is not shown. Fails when C(/etc/machine-id) holds no ID.
+      - Two runs on the same machine share the owner; the token (O(lock_token)) tells them apart.
     type: str
+  lock_token:
+    description:
+      - With O(state=held) (required) and O(state=unlocked), the token (C(token) in RV(lock)) of the O(state=locked)
+        task that took the lock. A lease with another token (taken over, or taken again by another run on the
+        same machine) is neither renewed nor released.
+    type: str
+  host_root:
+    description: Where the host's root file system is visible; C(/etc/machine-id) and the hostname are read below it.
+    type: path
+    default: /
+  job:
+    description:
+      - With O(state=held), the C(results_file) of an async task (C(async), C(poll=0)) registered before.
+      - The lease is renewed until that file holds the job's result, or until no process of the job is left.
+    type: path
   lock_ttl:
-    description: Seconds after which a lease is stale and may be taken over by another host.
+    description:
+      - Seconds after which a lease that was not renewed is stale and may be taken over by another host.
     type: int
-    default: 3600
+    default: 300
   lock_wait:
     description:
       - Seconds O(state=locked) waits for another holder to release the lock or push the build.
+      - When not 0, it must be longer than O(lock_ttl), since a holder that died keeps its lease up to O(lock_ttl) seconds.
     type: int
     default: 0
   lock_poll:
@@ -222,8 +251,42 @@ EXAMPLES = r"""
     kernel_release: 6.6.95-flatcar
     driver: nvidia
     driver_version: 535.104.05
+    lock_ttl: 300
     lock_wait: 1800
   register: fleet_lock
+
+- name: Compile in the background (the lock holder only)
+  modulus.kmods.kmod_build:
+    image: /var/cache/modulus/devcontainer/4459.2.1/flatcar_developer_container.bin
+    kernel_release: 6.6.95-flatcar
+    driver: nvidia
+    driver_version: 535.104.05
+  async: 7200
+  poll: 0
+  register: compile_job
+  when: fleet_lock.lock.acquired
+
+- name: Keep the lock while it compiles
+  modulus.kmods.kmod_archive:
+    state: held
+    store: s3://gpu-fleet-kmods/flatcar
+    os_version: 4459.2.1
+    kernel_release: 6.6.95-flatcar
+    driver: nvidia
+    driver_version: 535.104.05
+    lock_token: "{{ fleet_lock.lock.token }}"
+    lock_ttl: 300
+    job: "{{ compile_job.results_file }}"
+  when: fleet_lock.lock.acquired
+
+- name: Collect the compile
+  ansible.builtin.async_status:
+    jid: "{{ compile_job.ansible_job_id }}"
+  register: compiled
+  until: compiled is finished
+  retries: 720
+  delay: 10
+  when: fleet_lock.lock.acquired
 
 - name: Push a signed build
   modulus.kmods.kmod_archive:
@@ -340,8 +403,13 @@ lock:
   description:
     - For O(state=locked) C(acquired) (this host builds, pushes, then unlocks), C(archive_exists) (pull
       instead), C(holder) (the current lease when not acquired), C(took_over) (a stale lease was replaced),
-      C(waited) (seconds). For O(state=unlocked) C(released) and C(holder).
-  returned: O(state=locked) or O(state=unlocked)
+      C(waited) (seconds), C(owner), C(token) (give it to O(state=held) and O(state=unlocked)), C(expires)
+      (Unix time).
+    - For O(state=held) C(job) (V(finished); V(gone) when the job died without a result; V(orphaned) when the
+      run that started this task died), C(lost) (the lease lapsed and another host took it, or it was
+      released), C(renewals), C(holder) (who has it when lost), C(errors) (store errors, retried).
+    - For O(state=unlocked) C(released) and C(holder).
+  returned: O(state=locked), O(state=held) or O(state=unlocked)
   type: dict
 """
 
@@ -352,8 +420,9 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.modulus.kmods.plugins.module_utils import archive_ops as ops
 from ansible_collections.modulus.kmods.plugins.module_utils import identity as idm
+from ansible_collections.modulus.kmods.plugins.module_utils._archive import hold as hd
+from ansible_collections.modulus.kmods.plugins.module_utils._host import machine
 from ansible_collections.modulus.kmods.plugins.module_utils.archive import ArchiveError
-from ansible_collections.modulus.kmods.plugins.module_utils.lease import default_owner
 from ansible_collections.modulus.kmods.plugins.module_utils.stores import (
     STORE_ARGUMENT_SPEC,
     StoreError,
@@ -364,7 +433,8 @@ from ansible_collections.modulus.kmods.plugins.module_utils.stores import (
 
 def argument_spec() -> dict:
     spec = dict(
-        state=dict(type="str", default="present", choices=["present", "fetched", "query", "absent", "locked", "unlocked"]),
+        state=dict(type="str", default="present",
+                   choices=["present", "fetched", "query", "absent", "locked", "held", "unlocked"]),
         src=dict(type="path"),
         dest=dict(type="path"),
         archive_root=dict(type="path", default=idm.DEFAULT_ARCHIVE_ROOT),
@@ -385,7 +455,10 @@ def argument_spec() -> dict:
         compression_level=dict(type="int", default=1),
         tmp_dir=dict(type="path"),
         lock_owner=dict(type="str"),
-        lock_ttl=dict(type="int", default=3600),
+        lock_token=dict(type="str", no_log=False),
+        host_root=dict(type="path", default="/"),
+        job=dict(type="path"),
+        lock_ttl=dict(type="int", default=300),
         lock_wait=dict(type="int", default=0),
         lock_poll=dict(type="float", default=5.0),
     )
@@ -441,19 +514,25 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec=argument_spec(),
         supports_check_mode=True,
-        required_if=[("state", "present", ["src"])],
+        required_if=[("state", "present", ["src"]), ("state", "held", ["job", "lock_token"])],
         mutually_exclusive=[("profile", "access_key"), ("profile", "secret_key")],
         required_together=[("access_key", "secret_key")],
     )
     p = module.params
     if not 0 <= p["compression_level"] <= 9:
         module.fail_json(msg=f"compression_level={p['compression_level']} is out of range (0-9)")
-    for name in ("lock_ttl", "lock_wait"):
-        if p[name] < 0:
-            module.fail_json(msg=f"{name}={p[name]} must not be negative")
-    if p["lock_poll"] <= 0:
-        module.fail_json(msg=f"lock_poll={p['lock_poll']} must be positive")
     state = p["state"]
+    owner = p["lock_owner"]
+    try:
+        if state in ("locked", "held", "unlocked"):
+            hd.check_lock_options(p["lock_ttl"], p["lock_wait"] if state == "locked" else 0, p["lock_poll"])
+            if state == "held":
+                hd.job_id_of(p["job"])
+            owner = owner or machine.lock_owner(p["host_root"])
+    except hd.HoldError as exc:
+        module.fail_json(msg=str(exc))
+    except machine.MachineError as exc:
+        module.fail_json(msg=f"{exc}: give lock_owner, or host_root where the host's /etc is")
     try:
         if state == "present":
             given = push_constraints(p)
@@ -478,7 +557,6 @@ def main() -> None:
                 if not s3store.HAS_BOTO3:
                     module.fail_json(msg=missing_required_lib("boto3"), exception=s3store.BOTO3_IMPORT_ERROR)
         store = open_store(p["store"], p)
-        owner = p["lock_owner"] or default_owner()
         if state == "present":
             result = ops.push(p["src"], store, given, p["compression_level"], module.check_mode, p["tmp_dir"],
                               signing_key=p["signing_key"])
@@ -491,8 +569,10 @@ def main() -> None:
             result = ops.remove(store, ident, module.check_mode)
         elif state == "locked":
             result = ops.lock(store, ident, owner, p["lock_ttl"], p["lock_wait"], p["lock_poll"], module.check_mode)
+        elif state == "held":
+            result = ops.held(store, ident, owner, p["lock_token"], p["lock_ttl"], p["job"], module.check_mode)
         else:
-            result = ops.unlock(store, ident, owner, module.check_mode)
+            result = ops.unlock(store, ident, owner, module.check_mode, token=p["lock_token"])
     except (ArchiveError, StoreError, idm.IdentityError) as exc:
         module.fail_json(msg=str(exc), store_requests=store.requests if store else 0)
     except OSError as exc:
@@ -502,6 +582,12 @@ def main() -> None:
             store.close()
     for line in result.get("swept") or []:
         module.log(line)
+    held_errors = (result.get("lock") or {}).get("errors") if state == "held" else None
+    if held_errors:
+        module.warn(f"the fleet lock could not always be renewed: {held_errors[-1]}")
+    if state == "held" and (result.get("lock") or {}).get("lost"):
+        holder = (result["lock"].get("holder") or {}).get("owner") or "nobody"
+        module.warn(f"the fleet lock lapsed while the job ran and is now held by {holder}")
     if result.get("remote_error"):
         module.warn(f"kept the verified build in {result.get('dest')}: {result['remote_error']}")
     if not module._diff:

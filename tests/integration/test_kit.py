@@ -571,3 +571,48 @@ def test_module_which_does_not_escape_the_stock_path(monkeypatch: pytest.MonkeyP
     assert which("mkfs.btrfs") and which("debugfs")
     monkeypatch.setenv("PATH", hosttools.host_path("main"))
     assert which("mkfs.erofs")
+
+def test_flatcar_host_root_has_flatcars_nvidia_service(host_root_factory) -> None:
+    """As x11-drivers/nvidia-drivers-service installs it: enabled by a link in /usr, Flatcar's own unit and
+    script (with the kit's prelude only), the ebuild's metadata; legacy CoreOS has none of it."""
+    from sim import nvidia_service as nvsvc
+
+    root = host_root_factory(update="idle")
+    unit = (root / nvsvc.UNIT).read_text()
+    assert unit == (nvsvc.SOURCE / "nvidia.service").read_text()
+    for line in ("After=network-online.target systemd-sysext.service", "Before=containerd.target",
+                 "WantedBy=multi-user.target", "ExecStart=/usr/lib/nvidia/bin/setup-nvidia"):
+        assert line in unit.splitlines()
+    assert os.readlink(root / nvsvc.WANTS) == "../nvidia.service"
+    assert kv((root / "usr/share/flatcar/nvidia-metadata").read_text()) == {
+        "NVIDIA_DRIVER_VERSION": nvsvc.DRIVER_VERSION, "NVIDIA_PRODUCT_TYPE": "tesla"}
+    script = (root / nvsvc.SETUP).read_text()
+    source = (nvsvc.SOURCE / "setup-nvidia").read_text()
+    prelude_end = script.index("# ---- end of the stand-ins ----\n") + len("# ---- end of the stand-ins ----\n")
+    assert script[:prelude_end].startswith("#!/bin/bash\nset -euo pipefail\n")
+    ours = script[prelude_end:].replace('"$SIM_PROC_DEVICES"', "/proc/devices")
+    assert "#!/bin/bash\nset -euo pipefail\n" + ours == source
+    assert os.access(root / nvsvc.SETUP, os.X_OK) and os.access(root / nvsvc.LSPCI, os.X_OK)
+    assert not (root / nvsvc.PCI_DEVICES).exists() and not (root / "sys").exists()
+    legacy = host_root_factory(update="idle", legacy=True)
+    assert not (legacy / nvsvc.UNIT).exists() and not (legacy / nvsvc.WANTS).is_symlink()
+
+
+def test_lspci_stand_in(host_root_factory) -> None:
+    from sim import nvidia_service as nvsvc
+
+    root = host_root_factory(update="idle", gpu=True)
+
+    def lspci(*args: str) -> str:
+        proc = subprocess.run(["sh", str(root / nvsvc.LSPCI), *args], capture_output=True, text=True, check=True,
+                              env={"PATH": "/usr/bin:/bin", "MODULUS_SIM_PCI_DEVICES": str(root / nvsvc.PCI_DEVICES)})
+        return proc.stdout
+
+    assert lspci("-d", "10de:*:0302") == nvsvc.GPU_LINE.replace(" [0302]:", ":").replace(" [10de:20b0]", "") + "\n"
+    assert lspci("-d", "10de:*:0300") == ""
+    assert lspci("-d", "8086:*:0302") == ""
+    assert lspci("-nn", "-d", "10de:20b0") == nvsvc.GPU_LINE + "\n"
+    assert "3D controller: NVIDIA Corporation" in lspci()
+    dev = root / "sys/bus/pci/devices/0000:01:00.0"
+    assert [(dev / f).read_text() for f in ("vendor", "device", "class")] == ["0x10de\n", "0x20b0\n", "0x030200\n"]
+

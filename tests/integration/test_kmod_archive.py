@@ -117,7 +117,7 @@ def test_four_concurrent_processes_one_gets_the_lock(endpoint: str) -> None:
     # a loser asking again with a bounded wait gives up once it has waited that long (its own count of
     # the seconds it waited, not more than the run measured here)
     started = time.monotonic()
-    loser, _ = run(dict(args, lock_owner="host-late", lock_wait=2, lock_poll=0.5))
+    loser, _ = run(dict(args, lock_owner="host-late", lock_ttl=1, lock_wait=2, lock_poll=0.5))
     wall = time.monotonic() - started
     assert not loser["lock"]["acquired"] and not loser["lock"]["archive_exists"], loser
     assert loser["lock"]["holder"]["owner"] == owner and 2 <= loser["lock"]["waited"] <= wall, (loser, wall)
@@ -128,12 +128,19 @@ def test_four_concurrent_processes_one_gets_the_lock(endpoint: str) -> None:
     assert mine["changed"] and mine["lock"]["released"]
 
 
+def test_lock_wait_must_outlast_the_ttl(endpoint: str) -> None:
+    bucket = new_bucket(endpoint)
+    res, out = run(dict(s3_args(endpoint, bucket), state="locked", lock_owner="a", lock_ttl=300, lock_wait=120, **NAMING))
+    assert res["failed"] and "lock_wait=120 must be longer than lock_ttl=300" in res["msg"], out
+
+
 def test_lock_waits_until_the_build_appears(endpoint: str, tmp_path: Path) -> None:
     bucket = new_bucket(endpoint)
     args = dict(s3_args(endpoint, bucket), state="locked", **NAMING)
     first, _ = run(dict(args, lock_owner="builder"))
     assert first["lock"]["acquired"]
-    waiter = faults.start_module("modulus.kmods.kmod_archive", dict(args, lock_owner="waiter", lock_wait=120,
+    waiter = faults.start_module("modulus.kmods.kmod_archive", dict(args, lock_owner="waiter", lock_ttl=60,
+                                                                   lock_wait=120,
                                                                    lock_poll=0.5), tag_dir=tmp_path / "waiter")
     try:
         # the waiter found the lease held and no archive, and sleeps between two looks

@@ -224,3 +224,54 @@ def test_pull_unit_keeps_a_flatcar_host_current(kit: Kit, tmp_path: Path) -> Non
         "second boot to multi-user (s)": round(second_boot_s, 2),
     })
     print("\npull unit figures:\n" + "\n".join(f"  {k}: {v}" for k, v in figures.items()))
+
+
+def test_default_mode_unit_starts_on_a_fresh_host(kit: Kit, tmp_path: Path) -> None:
+    """modulus_pull_repo "" (the default): the container has only what the role's units.yml put there
+    (units, scripts, settings and the collection tarball it built, unpacked in /opt/modulus/collection.d)
+    and no Python; ``systemctl enable --now`` bootstraps Python (auto: the portable one on Flatcar)
+    and runs the installed collection with no git and no checkout."""
+    builds = hello_builds(kit)
+    cur = kit.releases["current"]
+    tarball, sha = portable_python()
+    wheels = wheelhouse(PACKAGES)
+    with s3_endpoint() as endpoint:
+        bucket = new_bucket(endpoint)
+        store = f"s3://{bucket}/fleet"
+        opts = {"endpoint_url": endpoint, "access_key": TEST_KEY_ID, "secret_key": TEST_SECRET, "region": "us-east-1"}
+        res, text = ansible_run.run_module("modulus.kmods.kmod_archive", {
+            "state": "present", "store": store, "src": builds["current"]["dest"], "identity": builds["current"]["identity"],
+            **opts}, timeout=300)
+        assert not res.get("failed"), text
+        root = pull_root()
+        with PullHost(root, tmp_path / "host", kit, binds={"/srv/python": tarball.parent, "/srv/wheels": wheels}) as host:
+            host.dress(release="current", update="idle")
+            install_units(host.merged, tmp_path, {
+                "modulus_drivers": [{"name": DRIVER, "version": VERSION, "recipe": "generic", "source": "/nonexistent",
+                                     "modules": ["modulus_hello"]}],
+                "modulus_store": store,
+                "modulus_store_options": {"endpoint_url": endpoint, "region": "us-east-1"},
+                "modulus_pull_env": {"AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET},
+                "modulus_load": False,
+                "modulus_sysext_format": "directory",
+                "modulus_python_url": f"file:///srv/python/{tarball.name}",
+                "modulus_python_sha256": sha,
+                "modulus_pip_find_links": "/srv/wheels",
+                "modulus_pip_packages": PACKAGES,
+            })
+            link = host.merged / "opt/modulus/collections"
+            assert link.is_symlink() and (link / "ansible_collections/modulus/kmods/MANIFEST.json").is_file()
+            host.boot()
+            assert host.sh("command -v python3 || echo none").stdout.strip() == "none"
+            assert host.sh("test -e /var/lib/modulus/pull || echo none").stdout.strip() == "none"
+            res = host.sh(f"systemctl enable --now modulus@{INSTANCE}.service", timeout=900, check=False)
+            journal = host.sh(f"journalctl -b -o cat -u modulus@{INSTANCE}.service", check=False).stdout
+            assert res.returncode == 0, res.stderr + journal[-6000:]
+            assert "ansible-playbook modulus.kmods.pull (installed collection in /opt/modulus/collections)" in journal
+            assert f"{DRIVER} {VERSION} for current {cur.version} ({cur.kernel}): pulled from the store" in journal, \
+                journal[-4000:]
+            assert "how=portable" in host.sh("cat /opt/modulus/python/.modulus-bootstrap").stdout
+            assert host.sh("test -e /var/lib/modulus/pull || echo none").stdout.strip() == "none"
+            status = host.sh("systemd-sysext status").stdout
+            assert f"modulus-{DRIVER}-{cur.version}" in status, status
+            host.poweroff()

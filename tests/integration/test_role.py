@@ -134,11 +134,103 @@ def test_check_mode_runs_the_whole_chain_and_touches_nothing(tmp_path: Path) -> 
         proc = site(fleet, "host1", "--check")
         assert proc.returncode == 0, proc.stdout[-8000:]
         # what would happen, as the run printed it (check mode writes no record)
-        assert proc.stdout.count(": compiled in") == 4, proc.stdout[-6000:]
-        assert proc.stdout.count(", pushed") == 4, proc.stdout[-6000:]
+        assert proc.stdout.count("would be compiled (here, or by the host that takes the fleet lock first) and pushed"
+                                 ) == 4, proc.stdout[-6000:]
+        assert "compiled in" not in proc.stdout and ", pushed" not in proc.stdout, proc.stdout[-6000:]
         assert image_gets(fleet) == []
         assert files(root) == before
         assert fleet.store_keys() == []
+
+
+def test_check_mode_on_a_fresh_fleet_reports_per_host_and_writes_nothing(tmp_path: Path) -> None:
+    """A fleet nothing has run on yet: the bootstrap says what it would install, each host what it would
+    compile or pull, and no host root, store or release server sees a write or a download."""
+    with Fleet(tmp_path, ["host1", "host2"], extra_vars={"modulus_python_mode": "portable",
+                                                         "modulus_python_url": "https://python.example/cpython.tar.gz",
+                                                         "modulus_python_sha256": "ab" * 32}) as fleet:
+        roots = {h: fleet.host_root(h) for h in fleet.hosts}
+        before = {h: files(r) for h, r in roots.items()}
+        proc = site(fleet, "gpu_nodes", "--check")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        recap = proc.stdout.split("PLAY RECAP")[-1]
+        for host, root in roots.items():
+            assert f"{host}" in recap and "failed=0" in recap.split(host)[1].splitlines()[0], recap
+            assert files(root) == before[host], host
+            assert not (root / "opt/modulus").exists() and not (root / "var/lib/modulus").exists()
+        # a report per host: the bootstrap, then each build of each release
+        plays = proc.stdout.split("PLAY [")
+        boot = next(p for p in plays if p.startswith("Python for Ansible"))
+        assert boot.count("bootstrap would install the portable Python https://python.example/cpython.tar.gz") == 2, boot
+        cur, pend = fleet.kit.releases["current"], fleet.kit.releases["pending"]
+        for rel in (cur, pend):
+            line = (f"check mode: modulus-hello 1.0.0 for {'pending' if rel is pend else 'current'} {rel.version} "
+                    f"({rel.kernel}): would be compiled (here, or by the host that takes the fleet lock first) and "
+                    f"pushed, then {'staged' if rel is pend else 'installed'}")
+            assert proc.stdout.count(line) == 2, (line, proc.stdout[-6000:])
+        assert image_gets(fleet) == []
+        assert fleet.store_keys() == []
+
+        # once a build is in the store, check mode says the other hosts would pull it
+        assert site(fleet, "host1").returncode == 0
+        fleet.server.reset()
+        before2 = files(roots["host2"])
+        proc = site(fleet, "host2", "--check")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert proc.stdout.count("would be pulled from the store") == 2, proc.stdout[-6000:]
+        assert "would be compiled" not in proc.stdout
+        assert files(roots["host2"]) == before2 and image_gets(fleet) == []
+
+
+def test_a_driver_version_change_retires_the_old_version(tmp_path: Path) -> None:
+    """1.0.0 -> 2.0.0 of the hello module on a host with a pending release: one run serves 2.0.0 for
+    both releases, only the 2.0.0 unit stays enabled, and 1.0.0's builds go, except the one the
+    running kernel has loaded, which the first run after it is unloaded removes."""
+    v1 = dict(HELLO_DRIVER)
+    v2 = dict(HELLO_DRIVER, version="2.0.0")
+    units = {"modulus_units_enabled": True, "modulus_pull_repo": "https://git.example.invalid/modulus.git"}
+    with Fleet(tmp_path, ["host1"], drivers=[v1], extra_vars=units) as fleet:
+        cur, pend = fleet.kit.releases["current"], fleet.kit.releases["pending"]
+        root = fleet.host_root("host1")
+        wants = root / "etc/systemd/system/multi-user.target.wants"
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert sorted(p.name for p in wants.glob("modulus@*")) == ["modulus@modulus-hello-1.0.0.service"]
+        old = root / ARCHIVE / "modulus-hello/1.0.0"
+        assert sorted(p.name for p in old.iterdir() if p.is_dir()) == sorted([cur.kernel, pend.kernel])
+        (root / "var/lib/modulus/units").mkdir(parents=True, exist_ok=True)
+        (root / "var/lib/modulus/units/modulus-hello-1.0.0.pending").write_text("boot 9001.2.0\n")
+        # the running kernel has 1.0.0 loaded (as /proc/modules and /sys/module show it)
+        manifest = json.loads((old / cur.kernel / "manifest.json").read_text())
+        srcversion = manifest["modules"][0]["srcversion"]
+        (root / "proc/modules").write_text("modulus_hello 16384 0 - Live 0x0000000000000000 (O)\n")
+        (root / "sys/module/modulus_hello").mkdir(parents=True)
+        (root / "sys/module/modulus_hello/srcversion").write_text(srcversion + "\n")
+
+        fleet.drivers = [v2]
+        fleet.write_inventory()
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        builds = record(fleet, "host1")
+        assert {(b["driver_version"], b["release"], b["state"]) for b in builds} == {
+            ("2.0.0", "current", "present"), ("2.0.0", "pending", "staged")}, builds
+        state = json.loads((root / "var/lib/modulus/kmod_install/modulus-hello.json").read_text())
+        assert {e["driver_version"] for e in state["images"].values()} == {"2.0.0"}, state["images"]
+        assert sorted(p.name for p in wants.glob("modulus@*")) == ["modulus@modulus-hello-2.0.0.service"]
+        assert not (root / "var/lib/modulus/units/modulus-hello-1.0.0.pending").exists()
+        assert "modulus-hello 1.0.0 is retired" in proc.stdout
+        # the loaded 1.0.0 build stays; the other one is gone
+        assert sorted(p.name for p in old.iterdir() if p.is_dir()) == [cur.kernel]
+        assert f"kept 1.0.0 for {cur.kernel} (loaded in the running kernel: modulus_hello)" in proc.stdout
+        # a pull run of the old unit (still queued somewhere) stages nothing
+        vars_file = root / "etc/modulus/vars.yml"
+        assert "2.0.0" in vars_file.read_text()
+
+        # after the reboot 1.0.0 is no longer loaded: the next run removes it and changes nothing else
+        (root / "proc/modules").write_text("")
+        proc = site(fleet, "host1")
+        assert proc.returncode == 0, proc.stdout[-8000:]
+        assert not old.exists()
+        assert sorted(p.name for p in (root / ARCHIVE / "modulus-hello").iterdir()) == ["2.0.0"]
 
 
 @pytest.mark.parametrize("bad, words", [

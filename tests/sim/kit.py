@@ -630,18 +630,19 @@ class Kit:
     def host_root(self, tmp: str | os.PathLike[str], update: str = "idle", legacy: bool = False, *,
                   etc_update_conf: dict[str, str] | str | None = None, group: str | None = None,
                   server: str | None = None, booted: str = "A", release: str = "current",
-                  usr_fs: str | None = None) -> Path:
+                  usr_fs: str | None = None, gpu: bool = False) -> Path:
         """A directory laid out like a Flatcar (or legacy CoreOS) host's / for the modules to read.
 
         ``usr_fs``: the file system of the USR partitions, ``btrfs`` (Flatcar since July 2021, the
         default) or ``ext2`` (older Flatcar and CoreOS releases, the default with ``legacy``).
+        ``gpu``: an NVIDIA GPU on the host (sim.nvidia_service).
         See tests/sim/README.md for every file. Returns the new root (a fresh directory under ``tmp``).
         """
         cur = self.releases[release]
         pend = self.releases.get("pending", cur)
         return make_host_root(Path(tmp), current=cur, pending=pend, update=update, legacy=legacy,
                               etc_update_conf=etc_update_conf, group=group, server=server, booted=booted,
-                              usr_fs=usr_fs or ("ext2" if legacy else "btrfs"))
+                              usr_fs=usr_fs or ("ext2" if legacy else "btrfs"), gpu=gpu)
 
 
 RELEASE_FILES = (IMAGE_NAME, f"{IMAGE_NAME}.sig", f"{IMAGE_NAME}.DIGESTS", f"{IMAGE_NAME}.DIGESTS.asc", "version.txt",
@@ -1152,7 +1153,7 @@ def _kv(d: dict[str, str]) -> str:
 def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, update: str = "idle",
                    legacy: bool = False, etc_update_conf: dict[str, str] | str | None = None,
                    group: str | None = None, server: str | None = None, booted: str = "A",
-                   usr_fs: str = "btrfs") -> Path:
+                   usr_fs: str = "btrfs", gpu: bool = False) -> Path:
     """Lay out a Flatcar (or legacy CoreOS) host root under a new directory in ``tmp``."""
     if update not in UPDATE_STATES:
         raise ValueError(f"update must be one of {', '.join(UPDATE_STATES)}, got {update!r}")
@@ -1184,6 +1185,10 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
         _write(etc_dir / "update.conf", text)
     (root / "usr/lib/modules" / current.kernel).mkdir(parents=True, exist_ok=True)
     _write(root / "proc/sys/kernel/osrelease", current.kernel + "\n")
+    # who the machine is: systemd writes a random machine ID at the first boot; a Flatcar host that no
+    # DHCP server or cloud names is "localhost" (Flatcar ships no /etc/hostname)
+    _write(root / "etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
+    _write(root / "proc/sys/kernel/hostname", "localhost\n")
 
     # the two /usr partitions and the kernel command line naming the booted one
     written = update in ("need_reboot", "need_reboot_zero")
@@ -1207,4 +1212,10 @@ def make_host_root(tmp: Path, *, current: SimRelease, pending: SimRelease, updat
         calls = root / "run/update_engine_client.calls"
         calls.parent.mkdir(parents=True, exist_ok=True)
         _write(root / "usr/bin/update_engine_client", update_engine_client_script(status, calls), mode=0o755)
+    if not legacy:  # every Flatcar image enables nvidia.service (x11-drivers/nvidia-drivers-service)
+        from sim import nvidia_service
+
+        nvidia_service.install(root)
+        if gpu:
+            nvidia_service.simulate_gpu(root)
     return root

@@ -223,6 +223,9 @@ class PullHost:
                 shutil.copytree(src / rel, target, symlinks=True)
             else:
                 shutil.copy2(src / rel, target)
+        from sim import nvidia_service
+
+        nvidia_service.install(m)  # Flatcar's nvidia.service, enabled (no GPU unless simulate_gpu)
         sim = m / "etc/modulus-sim"
         sim.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / "proc/sys/kernel/osrelease", sim / "osrelease")

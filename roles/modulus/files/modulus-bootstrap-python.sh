@@ -4,22 +4,24 @@
 # Python needed on the host) and as the first step (ExecStartPre) of modulus@.service.
 #
 # Settings come from the environment, or from KEY=VALUE arguments (which win):
-#   MODULUS_PYTHON_MODE      auto | sysext | portable | none                      (default auto)
+#   MODULUS_PYTHON_MODE      auto | portable | none                                (default auto)
+#                            portable: the pinned portable Python below the prefix, the only Python
+#                            used on Flatcar; auto: the same on Flatcar, elsewhere a system python3
+#                            (3.9 or newer) when a virtual environment of it works, else the portable one
 #   MODULUS_PYTHON_URL       portable Python tarball (python-build-standalone "install_only" layout:
 #                            python/bin/python3); http(s)://, file:// or an absolute path
-#   MODULUS_PYTHON_MIRROR    base URL tried first: <mirror>/<file name of the URL> for the tarball,
-#                            <mirror>/<board>/<version>/flatcar-python.raw for the system extension
-#   MODULUS_PYTHON_SHA256    SHA-256 of the tarball (required for portable)
+#   MODULUS_PYTHON_MIRROR    base URL tried first: <mirror>/<file name of the URL>
+#   MODULUS_PYTHON_SHA256    SHA-256 of the tarball (required: nothing unverified is installed)
 #   MODULUS_PYTHON_PREFIX    where Python and the virtual environment go      (default /opt/modulus/python)
 #   MODULUS_PIP_INDEX_URL    package index (empty: PyPI; with MODULUS_PIP_FIND_LINKS set: no index)
 #   MODULUS_PIP_FIND_LINKS   directory or URL of wheels (a wheel mirror)
 #   MODULUS_PIP_PACKAGES     space-separated requirements              (default "ansible-core==2.19.14 boto3")
-#   MODULUS_PYTHON_SYSEXT_KEY  armored OpenPGP key verifying flatcar-python.raw (default: the key in
-#                            /usr/bin/flatcar-install, as Flatcar's initrd does)
+#   MODULUS_BOOTSTRAP_CHECK  1: check mode, say what would be done and write nothing
 #
 # Result: $PREFIX/venv/bin/python (and ansible-pull), and the marker $PREFIX/.modulus-bootstrap that
-# says what was done. A second run with the same settings changes nothing. The last line printed is
-# MODULUS_BOOTSTRAP_CHANGED=0|1 and MODULUS_PYTHON=<interpreter of the virtual environment>.
+# says what was done. A second run with the same settings changes nothing. The last lines printed
+# are MODULUS_BOOTSTRAP_CHANGED=0|1 and MODULUS_PYTHON=<interpreter of the virtual environment>
+# (in check mode MODULUS_PYTHON only when that interpreter is already in place).
 set -eu
 
 for arg in "$@"; do
@@ -37,10 +39,10 @@ PREFIX=${MODULUS_PYTHON_PREFIX:-/opt/modulus/python}
 INDEX_URL=${MODULUS_PIP_INDEX_URL:-}
 FIND_LINKS=${MODULUS_PIP_FIND_LINKS:-}
 PACKAGES=${MODULUS_PIP_PACKAGES:-ansible-core==2.19.14 boto3}
-SYSEXT_KEY=${MODULUS_PYTHON_SYSEXT_KEY:-}
+CHECK=${MODULUS_BOOTSTRAP_CHECK:-}
 VENV=$PREFIX/venv
 MARKER=$PREFIX/.modulus-bootstrap
-ROOT=${MODULUS_BOOTSTRAP_ROOT:-}   # tests only: where /usr/share/flatcar and /etc/flatcar are read and written
+ROOT=${MODULUS_BOOTSTRAP_ROOT:-}   # tests only: the root whose os-release and system python3 are looked at
 TMPD=
 
 log() { echo "modulus-bootstrap: $*" >&2; }
@@ -50,8 +52,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 case $MODE in
-  auto|sysext|portable|none) ;;
-  *) die "MODULUS_PYTHON_MODE must be auto, sysext, portable or none, got '$MODE'" ;;
+  auto|portable|none) ;;
+  sysext) die "MODULUS_PYTHON_MODE=sysext is no longer offered: Flatcar's flatcar-python extension is an update payload verified by update_engine, and enabling it makes every later OS update depend on fetching it. Use auto or portable (the pinned, checksum-verified portable Python); see docs/pull.md" ;;
+  *) die "MODULUS_PYTHON_MODE must be auto, portable or none, got '$MODE'" ;;
 esac
 case $PREFIX in
   /*) ;;
@@ -83,19 +86,6 @@ if [ -f "$MARKER" ] && grep -qx "request=$want_sum" "$MARKER" && venv_ok; then
   fi
 fi
 
-umask 022
-mkdir -p "$PREFIX"
-# One bootstrap at a time (the unit's ExecStartPre and a push run may meet); what a killed run left
-# ($PREFIX/.bootstrap.*) is swept under the lock.
-if command -v flock >/dev/null 2>&1; then
-  exec 8>"$PREFIX/.bootstrap.lock"
-  flock 8
-fi
-for d in "$PREFIX"/.bootstrap.*; do
-  if [ -d "$d" ]; then rm -rf "$d"; fi
-done
-TMPD=$(mktemp -d "$PREFIX/.bootstrap.XXXXXX")
-
 # fetch URL DEST: http(s) with curl or wget, file:// and absolute paths by copying. Non-zero on failure.
 fetch() {
   case $1 in
@@ -113,7 +103,7 @@ fetch() {
   esac
 }
 
-# ---- Flatcar's python system extension -------------------------------------------------------
+# ---- the host -------------------------------------------------------------------------------
 os_value() {  # os_value KEY: from the host's os-release
   for f in "$ROOT/etc/os-release" "$ROOT/usr/lib/os-release"; do
     if [ -r "$f" ]; then
@@ -124,85 +114,6 @@ os_value() {  # os_value KEY: from the host's os-release
 }
 
 is_flatcar() { [ "$(os_value ID)" = flatcar ]; }
-
-# The channel host of a release, as Flatcar's initrd picks it: the second number of the version.
-channel_of() {
-  case $(echo "$1" | cut -d. -f2) in
-    0) echo alpha ;; 1) echo beta ;; 2) echo stable ;; 3) echo lts ;; *) echo "" ;;
-  esac
-}
-
-sysext_key() {  # writes the armored key to $1
-  if [ -n "$SYSEXT_KEY" ]; then
-    cp "$SYSEXT_KEY" "$1"
-  elif [ -r "$ROOT/usr/bin/flatcar-install" ]; then
-    # the same key Flatcar's initrd verifies its extensions with
-    awk '/^GPG_KEY="/{on=1; sub(/^GPG_KEY="/, "")} on{ if ($0 ~ /"$/) { sub(/"$/, ""); print; exit } print }' \
-      "$ROOT/usr/bin/flatcar-install" > "$1"
-  else
-    return 1
-  fi
-  [ -s "$1" ]
-}
-
-verify_sig() {  # verify_sig FILE SIG KEY: detached signature, private keyring, no agent
-  command -v gpg >/dev/null 2>&1 || { log "gpg is needed to verify $1"; return 1; }
-  home="$TMPD/gnupg"
-  rm -rf "$home"; mkdir -m 700 "$home"
-  GNUPGHOME=$home gpg --batch --quiet --import "$3" >/dev/null 2>&1 || return 1
-  GNUPGHOME=$home gpg --batch --quiet --export > "$home/keyring.gpg" || return 1
-  if command -v gpgv >/dev/null 2>&1; then
-    gpgv --keyring "$home/keyring.gpg" "$2" "$1" >/dev/null 2>&1
-  else
-    GNUPGHOME=$home gpg --batch --quiet --trust-model always --verify "$2" "$1" >/dev/null 2>&1
-  fi
-}
-
-# Enable and fetch flatcar-python for the running release; prints the interpreter. Non-zero when the
-# release offers no such extension (or it cannot be fetched and verified): the caller falls back.
-python_from_sysext() {
-  version=$(os_value VERSION_ID)
-  board=$(os_value FLATCAR_BOARD)
-  [ -n "$board" ] || board=amd64-usr
-  [ -n "$version" ] || { log "no VERSION_ID in os-release"; return 1; }
-  name=flatcar-python
-  image=$ROOT/etc/flatcar/sysext/$name-$version.raw
-  if [ ! -e "$image" ]; then
-    key="$TMPD/flatcar.asc"
-    sysext_key "$key" || { log "no Flatcar signing key (MODULUS_PYTHON_SYSEXT_KEY or /usr/bin/flatcar-install)"; return 1; }
-    urls=
-    if [ -n "$MIRROR" ]; then urls="${MIRROR%/}/$board/$version/$name.raw"; fi
-    channel=$(channel_of "$version")
-    if [ -n "$channel" ]; then urls="$urls https://$channel.release.flatcar-linux.net/$board/$version/$name.raw"; fi
-    urls="$urls https://bincache.flatcar-linux.net/images/${board%-usr}/$version/$name.raw"
-    got=
-    for u in $urls; do
-      log "fetching $u"
-      if fetch "$u" "$TMPD/$name.raw" && fetch "$u.sig" "$TMPD/$name.raw.sig"; then
-        if verify_sig "$TMPD/$name.raw" "$TMPD/$name.raw.sig" "$key"; then got=1; break; fi
-        log "the signature of $u does not verify: not used"
-      fi
-      rm -f "$TMPD/$name.raw" "$TMPD/$name.raw.sig"
-    done
-    [ -n "$got" ] || { log "release $version offers no verifiable $name.raw"; return 1; }
-    mkdir -p "$ROOT/etc/flatcar/sysext"
-    mv "$TMPD/$name.raw" "$image"
-  fi
-  # Enable it the Flatcar way: update_engine then fetches it with every update, and the initrd sets it up.
-  conf=$ROOT/etc/flatcar/enabled-sysext.conf
-  if ! grep -qx 'python' "$conf" 2>/dev/null; then
-    mkdir -p "$(dirname "$conf")"
-    echo python >> "$conf"
-  fi
-  mkdir -p "$ROOT/etc/extensions"
-  ln -sfn "/etc/flatcar/sysext/$name-$version.raw" "$ROOT/etc/extensions/$name.raw"
-  if [ -z "$ROOT" ]; then
-    systemd-sysext refresh >&2 || return 1
-  fi
-  if [ -x "$ROOT/usr/bin/python3" ]; then echo /usr/bin/python3; return 0; fi
-  log "flatcar-python is merged but $ROOT/usr/bin/python3 is missing"
-  return 1
-}
 
 # ---- portable Python ------------------------------------------------------------------------
 python_portable() {
@@ -234,7 +145,7 @@ python_portable() {
   esac
   top=$TMPD/unpack/python
   [ -x "$top/bin/python3" ] || die "$file has no python/bin/python3 (expected the install_only layout)"
-  "$top/bin/python3" -c 'import sys; assert sys.version_info >= (3, 9)' \
+  "$top/bin/python3" -c 'import sys; assert sys.version_info >= (3, 9)' >&2 \
     || die "the Python in $file does not run on this host (or is older than 3.9)"
   echo "$SHA256" > "$top/.sha256"
   mkdir -p "$PREFIX/dist"
@@ -244,7 +155,7 @@ python_portable() {
 }
 
 system_python() {
-  for p in /usr/bin/python3 /usr/local/bin/python3; do
+  for p in "$ROOT/usr/bin/python3" "$ROOT/usr/local/bin/python3"; do
     if [ -x "$p" ] && "$p" -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 9)' >/dev/null 2>&1; then
       echo "$p"; return 0
     fi
@@ -252,28 +163,9 @@ system_python() {
   return 1
 }
 
-how=
-case $MODE in
-  sysext)
-    is_flatcar || die "mode sysext needs a Flatcar host (os-release ID=flatcar)"
-    base=$(python_from_sysext) || die "the flatcar-python system extension could not be set up"
-    how=sysext ;;
-  portable)
-    base=$(python_portable); how=portable ;;
-  auto)
-    if is_flatcar && base=$(python_from_sysext); then
-      how=sysext
-    elif ! is_flatcar && base=$(system_python); then
-      how=system
-    else
-      base=$(python_portable); how=portable
-    fi ;;
-esac
-log "Python from $how: $base ($("$base" -c 'import platform; print(platform.python_version())'))"
-
 # ---- the virtual environment ----------------------------------------------------------------
 # make_venv DIR: a virtual environment of $base with $PACKAGES. Its scripts name their interpreter
-# by path, so it is made where it will live; the previous one waits in $TMPD until this one works.
+# by path, so it is made where it will live.
 make_venv() {
   if ! "$base" -m venv "$1" >&2 2>&1; then
     # no ensurepip (some distributions split it out): pip from a pip wheel of the wheel mirror
@@ -297,12 +189,84 @@ make_venv() {
   PIP_ROOT_USER_ACTION=ignore "$dir/bin/python" -m pip "$@" $PACKAGES >&2 || { log "pip could not install: $PACKAGES"; return 1; }
 }
 
+# try_venv: the virtual environment of $base at $VENV, the previous one back when it fails (it waits in $TMPD).
 old=$TMPD/venv-old
-if [ -e "$VENV" ] || [ -L "$VENV" ]; then mv "$VENV" "$old"; fi
-if ! make_venv "$VENV" || ! venv_ok; then
+try_venv() {
+  if [ -e "$VENV" ] || [ -L "$VENV" ]; then
+    if [ -e "$old" ]; then rm -rf "$VENV"; else mv "$VENV" "$old"; fi
+  fi
+  if make_venv "$VENV" && venv_ok; then return 0; fi
   rm -rf "$VENV"
   if [ -e "$old" ]; then mv "$old" "$VENV"; fi
-  die "the virtual environment $VENV could not be made (the previous one, if any, is back)"
+  return 1
+}
+
+describe() { "$base" -c 'import platform; print(platform.python_version())'; }
+
+# Check mode: say what a run would do, write nothing.
+if [ -n "$CHECK" ]; then
+  if [ "$MODE" = portable ] || is_flatcar; then
+    plan="the portable Python $URL (SHA-256 $SHA256) into $PREFIX/dist/$SHA256"
+    if [ -z "$SHA256" ]; then die "MODULUS_PYTHON_SHA256 is empty: the portable Python is only installed checksum-verified (set modulus_python_sha256)"; fi
+  else
+    plan="a system python3 of the host if a virtual environment of it works, else the portable Python $URL (SHA-256 $SHA256)"
+  fi
+  src="PyPI"
+  if [ -n "$FIND_LINKS" ]; then src="$FIND_LINKS"; fi
+  if [ -n "$INDEX_URL" ]; then src="$INDEX_URL${FIND_LINKS:+ and $FIND_LINKS}"; fi
+  log "check mode: would install $plan, then make the virtual environment $VENV with $PACKAGES from $src"
+  echo "MODULUS_BOOTSTRAP_WOULD=install $plan; virtual environment $VENV with $PACKAGES from $src"
+  echo "MODULUS_BOOTSTRAP_CHANGED=1"
+  if venv_ok; then echo "MODULUS_PYTHON=$VENV/bin/python"; fi
+  exit 0
+fi
+
+umask 022
+mkdir -p "$PREFIX"
+# One bootstrap at a time (the unit's ExecStartPre and a push run may meet); what a killed run left
+# ($PREFIX/.bootstrap.*) is swept under the lock.
+if command -v flock >/dev/null 2>&1; then
+  exec 8>"$PREFIX/.bootstrap.lock"
+  flock 8
+fi
+for d in "$PREFIX"/.bootstrap.*; do
+  if [ -d "$d" ]; then rm -rf "$d"; fi
+done
+TMPD=$(mktemp -d "$PREFIX/.bootstrap.XXXXXX")
+
+how=
+if [ "$MODE" = auto ] && ! is_flatcar && base=$(system_python); then
+  log "Python from the system: $base ($(describe))"
+  if try_venv; then
+    how=system
+  else
+    log "a virtual environment of $base could not be made: falling back to the portable Python"
+  fi
+fi
+if [ -z "$how" ]; then
+  base=$(python_portable)
+  log "Python from the portable tarball: $base ($(describe))"
+  try_venv || die "the virtual environment $VENV could not be made with $base (the previous one, if any, is back)"
+  how=portable
+fi
+
+# A host bootstrapped by an older modulus with Flatcar's flatcar-python extension: that extension was
+# enabled in /etc/flatcar/enabled-sysext.conf, which makes every later OS update fetch it (and fail
+# without it). The virtual environment no longer needs it: take back what that bootstrap added.
+if [ -f "$MARKER" ] && grep -qx 'how=sysext' "$MARKER"; then
+  conf=$ROOT/etc/flatcar/enabled-sysext.conf
+  if [ -f "$conf" ] && grep -qx 'python' "$conf"; then
+    grep -vx 'python' "$conf" > "$conf.modulus-new" || true
+    mv "$conf.modulus-new" "$conf"
+    log "removed 'python' from $conf (added by an earlier bootstrap of modulus)"
+  fi
+  link=$ROOT/etc/extensions/flatcar-python.raw
+  case $(readlink "$link" 2>/dev/null || true) in
+    /etc/flatcar/sysext/flatcar-python-*.raw)
+      rm -f "$link" "$ROOT"/etc/flatcar/sysext/flatcar-python-*.raw
+      log "removed $link (added by an earlier bootstrap of modulus)"
+      if [ -z "$ROOT" ] && command -v systemd-sysext >/dev/null 2>&1; then systemd-sysext refresh >&2 || true; fi ;;
+  esac
 fi
 
 # Prune portable Pythons that are no longer used.
