@@ -1,14 +1,16 @@
-"""Figures for kmod_install (issue 9), side by side with what they compare to:
+"""Figures for kmod_install, side by side with what they compare to:
 
-1. ``state=staged`` from a build directory (sysext creation: verify, lay out, module index, pack),
-   per image format, against a plain ``cp -a`` of the same build tree and ``mksquashfs`` of it alone;
+1. ``state=staged`` from a build directory (sysext creation: verify, lay out, pack), per image
+   format, against a plain ``cp -a`` of the same build tree and ``mksquashfs`` of it alone. The
+   ``directory`` row runs with a stock host's PATH (no mksquashfs, no mkfs.erofs) and the default
+   ``sysext_format: auto``, which is what a stock stable or LTS Flatcar host does; then the same
+   request again (the no-op second run) and its ratio to the first;
 2. the size of the image against the build tree (ratio);
 3. in the booted systemd container (tests/sim/booted.py), the time from the container's start to
    ``systemd-sysext.service`` active with the image merged, against the same boot without an image.
 
 Builds: the hello module (compiled once by kmod_build into build/bench-kmod-install, then reused) and
-the NVIDIA 535 build the slow kmod_build tests keep in the kit cache (left out when absent). The module
-index is made over Debian's real module tree of the build's kernel (what the host's /usr/lib/modules holds).
+the NVIDIA 535 build the slow kmod_build tests keep in the kit cache (left out when absent).
 
     sudo .venv/bin/python benchmarks/bench_kmod_install.py [--runs 3]
 
@@ -17,7 +19,9 @@ Prints figures; no targets are asserted (exit 0)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,7 +38,6 @@ from ansible_collections.modulus.kmods.plugins.module_utils import manifest as m
 from sim import ansible_run  # noqa: E402
 from sim.booted import boot, booted_root  # noqa: E402
 from sim.kit import Kit, cache_root  # noqa: E402
-from sim.qemu import kernel_dir  # noqa: E402
 
 WORK = ROOT / "build" / "bench-kmod-install"
 
@@ -67,27 +70,64 @@ def timed_cmd(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def stage_once(kit: Kit, src: Path, fmt: str, tmp: Path) -> tuple[float, int]:
-    """Seconds for state=staged on a fresh kit host root, and the image's size."""
+STOCK_TOOLS = ("sh", "bash", "cat", "cp", "ln", "ls", "mkdir", "mv", "rm", "uname", "depmod", "modprobe", "ldconfig")
+
+
+@contextlib.contextmanager
+def stock_path(tmp: Path):
+    """PATH holding only what a stock Flatcar host has of the tools kmod_install may call."""
+    d = tmp / "stock-bin"
+    d.mkdir(exist_ok=True)
+    for tool in STOCK_TOOLS:
+        found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if found and not (d / tool).exists():
+            (d / tool).symlink_to(found)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = str(d)
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def stage_once(kit: Kit, src: Path, fmt: str, tmp: Path) -> tuple[float, int, float, str, float]:
+    """Seconds for state=staged on a fresh kit host root, the image's size, seconds of the same
+    request again (nothing to do), the format kmod_install chose, and (directory images) seconds of
+    the request once more after the image's usr/ is copied over the host's usr/ (what /usr shows
+    once merged; NaN for .raw images)."""
     man = json.loads((src / "manifest.json").read_text())
     kver = man["kernel_release"]
     name = next(k for k, r in kit.releases.items() if r.kernel == kver)
-    host = kit.host_root(tmp, update="need_reboot", release=name)
-    req = install.Request(state="staged", src=str(src), host_root=str(host), sysext_format=fmt,
-                          kernel_modules_dir=str(kernel_dir(kver) / "lib/modules" / kver))
-    start = time.perf_counter()
-    out = install.run(req)
-    seconds = time.perf_counter() - start
-    assert out.result["image"]["created"], out.actions
-    size = sysext.tree_size(str(host / out.result["image"]["path"].lstrip("/")))
+    host = kit.host_root(tmp / "host", update="need_reboot", release=name)
+    stock = fmt == "stock"
+    req = install.Request(state="staged", src=str(src), host_root=str(host), sysext_format="auto" if stock else fmt)
+    with stock_path(tmp) if stock else contextlib.nullcontext():
+        start = time.perf_counter()
+        out = install.run(req)
+        seconds = time.perf_counter() - start
+        assert out.result["image"]["created"], out.actions
+        start = time.perf_counter()
+        again = install.run(req)
+        noop = time.perf_counter() - start
+        image = host / out.result["image"]["path"].lstrip("/")
+        merged = float("nan")
+        if image.is_dir():
+            shutil.copytree(image / "usr", host / "usr", dirs_exist_ok=True, symlinks=True)
+            start = time.perf_counter()
+            third = install.run(req)
+            merged = time.perf_counter() - start
+            assert not third.changed, third.actions
+    assert not again.changed, again.actions
+    size = sysext.tree_size(str(image))
     shutil.rmtree(host)
-    return seconds, size
+    return seconds, size, noop, out.result["image"]["format"], merged
 
 
 def bench_staged(kit: Kit, builds: dict[str, Path], runs: int) -> None:
-    print("\n1-2. state=staged from a build directory (sysext creation), median of", runs, "runs")
-    print(f"{'build':8} {'tree':>10} {'format':10} {'staged':>9} {'cp -a':>8} {'mksquashfs':>11} "
-          f"{'staged/cp':>10} {'image':>10} {'image/tree':>11}")
+    print("\n1-2. state=staged from a build directory (sysext creation), then the same again (no-op), median of",
+          runs, "runs")
+    print(f"{'build':8} {'tree':>10} {'format':22} {'staged':>9} {'no-op':>8} {'no-op/staged':>13} {'merged no-op':>13} "
+          f"{'cp -a':>8} {'mksquashfs':>11} {'staged/cp':>10} {'image':>10} {'image/tree':>11}")
     for label, src in builds.items():
         tree = sysext.tree_size(str(src))
         with tempfile.TemporaryDirectory(prefix="bench-ki-") as td:
@@ -99,12 +139,16 @@ def bench_staged(kit: Kit, builds: dict[str, Path], runs: int) -> None:
             cp = statistics.median(cps)
             sq = statistics.median(timed_cmd(["mksquashfs", str(src), str(tmp / "x.raw"), "-noappend", "-quiet",
                                               "-no-progress", "-all-root"]) for _ in range(runs))
-            for fmt in ("squashfs", "erofs", "directory"):
+            for fmt in ("stock", "squashfs", "erofs", "directory"):
                 got = [stage_once(kit, src, fmt, tmp) for _ in range(runs)]
                 sec = statistics.median(g[0] for g in got)
+                noop = statistics.median(g[2] for g in got)
+                merged = statistics.median(g[4] for g in got)
                 size = got[0][1]
-                print(f"{label:8} {mib(tree):>10} {fmt:10} {sec:8.2f}s {cp:7.2f}s {sq:10.2f}s "
-                      f"{sec / cp:9.1f}x {mib(size):>10} {size / tree:10.2f}x")
+                shown = f"auto={got[0][3]} (stock)" if fmt == "stock" else fmt
+                after = f"{merged:12.3f}s" if merged == merged else "            -"
+                print(f"{label:8} {mib(tree):>10} {shown:22} {sec:8.2f}s {noop:7.3f}s {noop / sec:12.3f}x {after} "
+                      f"{cp:7.2f}s {sq:10.2f}s {sec / cp:9.1f}x {mib(size):>10} {size / tree:10.2f}x")
 
 
 def bench_boot(kit: Kit, src: Path, runs: int) -> None:
@@ -116,10 +160,9 @@ def bench_boot(kit: Kit, src: Path, runs: int) -> None:
     root = booted_root()
     with tempfile.TemporaryDirectory(prefix="bench-kib-") as td:
         host = kit.host_root(Path(td), update="need_reboot", release=name)
-        out = install.run(install.Request(state="staged", src=str(src), host_root=str(host), sysext_format="directory",
-                                          kernel_modules_dir=str(kernel_dir(kver) / "lib/modules" / kver)))
+        out = install.run(install.Request(state="staged", src=str(src), host_root=str(host), sysext_format="directory"))
         image = host / out.result["image"]["path"].lstrip("/")
-        probe = f"modprobe -S {kver} --show-depends modulus_hello >/dev/null 2>&1 && echo RESOLVED"
+        probe = f"modprobe -S {kver} --show-depends modulus_hello 2>&1 | grep -q modprobe_helper && echo RESOLVED"
         osr = {"ID": "flatcar", "VERSION_ID": rel.version}
         rows = {}
         for label, ext in (("no image", {}), ("hello image", {image.name: image})):

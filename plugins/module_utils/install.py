@@ -29,8 +29,10 @@ from typing import Any, Optional, Union
 
 from ansible_collections.modulus.kmods.plugins.module_utils import flatcar_release as fr
 from ansible_collections.modulus.kmods.plugins.module_utils import kload, sysext
+from ansible_collections.modulus.kmods.plugins.module_utils._install import image_format, kmod_sysext
 from ansible_collections.modulus.kmods.plugins.module_utils.common import LogFn, no_log, parse_env_file, which
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import (
+    _rename_exchange,
     atomic_write,
     dest_lock,
     make_staging,
@@ -55,6 +57,7 @@ DRIVERS_DIR = "/opt/drivers"
 BIN_DIR = "/opt/modulus/bin"
 STATE_DIR = "/var/lib/modulus/kmod_install"
 UNIT_DIR = "/etc/systemd/system"
+RETIRED_DIR = ".modulus-retired-images"  # beside the extensions dir: replaced directory images still merged
 WRITABLE = ("/etc/", "/opt/", "/var/", "/run/")
 
 
@@ -79,7 +82,6 @@ class Request:
     keep: int = 3
     extensions_dir: str = sysext.DEFAULT_EXTENSIONS_DIR
     sysext_format: str = sysext.DEFAULT_FORMAT
-    kernel_modules_dir: Optional[str] = None
     update_engine_client: Optional[list[str]] = None
 
 
@@ -242,34 +244,6 @@ def in_use_elsewhere(plan: kload.LoadPlan, manifest: dict[str, Any], host_root: 
     return out
 
 
-@contextlib.contextmanager
-def base_modules(req: Request, view: HostView, kver: str, log: LogFn) -> Iterator[Optional[str]]:
-    """The release kernel's own module tree for the index: ``kernel_modules_dir``, the running
-    ``/usr/lib/modules/<kver>``, or ``lib/modules/<kver>`` of the not-booted USR partition (mounted
-    read-only). None when none is at hand."""
-    if req.kernel_modules_dir:
-        yield req.kernel_modules_dir
-        return
-    running = hp(req.host_root, f"usr/lib/modules/{kver}")
-    if kver == view.running_kernel and os.path.isfile(os.path.join(running, "modules.dep")):
-        yield running
-        return
-    if kver == view.pending_kernel and view.pending_usr:  # read-only: also in check mode
-        from ansible_collections.modulus.kmods.plugins.module_utils.mounts import mount_readonly
-        device = view.pending_usr if os.path.exists(view.pending_usr) else hp(req.host_root, view.pending_usr)
-        stack = contextlib.ExitStack()
-        try:
-            mnt: Optional[str] = stack.enter_context(mount_readonly(device, log=log))
-        except Exception as exc:  # noqa: BLE001 - no index then, and the result says why
-            log(f"cannot read the kernel modules of {kver} from {device}: {exc}")
-            mnt = None
-        with stack:
-            path = os.path.join(mnt, "lib", "modules", kver) if mnt else ""
-            yield path if path and os.path.isfile(os.path.join(path, "modules.dep")) else None
-        return
-    yield None
-
-
 # --------------------------------------------------------------------------- the build
 
 
@@ -354,12 +328,78 @@ def install_boot_path(req: Request, plan: kload.LoadPlan, driver: str, out: Outc
 # --------------------------------------------------------------------------- sysext
 
 
-def image_spec(build: Build, release: str, fmt: str, plan: kload.LoadPlan, base: Optional[str]) -> sysext.ImageSpec:
+def image_spec(build: Build, release: str, fmt: str, plan: kload.LoadPlan) -> sysext.ImageSpec:
     return sysext.ImageSpec(driver=build.driver, os_id=build.ident.get("os") or "flatcar", release=release,
                             kernel_release=build.kver, board=build.ident.get("board"),
                             manifest_sha256=build.sha256, modules_load=kload.modules_load_conf(plan),
-                            base_index=sysext.base_index_signature(base), fmt=fmt,
+                            modules=sorted(kload.build_modules(build.manifest)), fmt=fmt,
                             extra={"MODULUS_DRIVER_VERSION": str(build.manifest["driver_version"])})
+
+
+def boot_id(host_root: str) -> str:
+    try:
+        with open(hp(host_root, "proc/sys/kernel/random/boot_id"), encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def retired_dir(ext_dir: str) -> str:
+    """Where replaced directory images wait for the next boot: beside the extensions directory (the
+    same filesystem, so moving one there is a rename) and outside it (systemd would merge it)."""
+    return os.path.join(os.path.dirname(ext_dir.rstrip("/")), RETIRED_DIR)
+
+
+def retire(ext_dir: str, host_root: str, path: str, name: str) -> None:
+    top = retired_dir(ext_dir)
+    os.makedirs(top, exist_ok=True)
+    os.rename(path, os.path.join(top, f"{name}.{time.time_ns()}.{boot_id(host_root)}"))
+
+
+def sweep_retired(ext_dir: str, host_root: str, log: LogFn) -> None:
+    """Remove directory images retired in an earlier boot (no overlay of this boot uses them)."""
+    top = retired_dir(ext_dir)
+    try:
+        names = os.listdir(top)
+    except OSError:
+        return
+    now = boot_id(host_root)
+    for entry in names:
+        if not now or not entry.endswith("." + now):
+            shutil.rmtree(os.path.join(top, entry), ignore_errors=True)
+            log(f"removed the retired image {top}/{entry}")
+
+
+def place_directory(ext_dir: str, host_root: str, root: str, path: str, name: str, merged: bool) -> None:
+    """Switch the directory image at ``path`` to ``root`` atomically (RENAME_EXCHANGE). A directory
+    that is merged now is a lower layer of the live ``/usr`` overlay: it is kept (``RETIRED_DIR``)
+    until the host has booted again, not deleted under running programs."""
+    if not (merged and os.path.isdir(path) and not os.path.islink(path)):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
+        swap_into_place(root, path)
+        return
+    top = retired_dir(ext_dir)
+    os.makedirs(top, exist_ok=True)
+    retired = os.path.join(top, f"{name}.{time.time_ns()}.{boot_id(host_root)}")
+    # the overlay keeps its lower layer by inode, so moving the old tree is safe
+    if _rename_exchange(root, path):  # no moment without an image; the old tree is at ``root`` now
+        os.rename(root, retired)
+        return
+    os.rename(path, retired)
+    try:
+        os.rename(root, path)
+    except OSError:
+        os.rename(retired, path)
+        raise
+
+
+def existing_format(path_of: dict[str, str], have: dict[str, Any], key_of: Any) -> Optional[str]:
+    """The format of the image in place when its content is what this build makes in that format."""
+    fmt = have.get("format")
+    if fmt in path_of and os.path.lexists(path_of[fmt]) and have.get("content") == key_of(fmt):
+        return str(fmt)
+    return None
 
 
 def install_image(req: Request, build: Build, release: str, plan: kload.LoadPlan, view: HostView,
@@ -367,61 +407,75 @@ def install_image(req: Request, build: Build, release: str, plan: kload.LoadPlan
     """Make (or keep) the release-bound image of the build in the extensions directory."""
     ext_dir = hp(req.host_root, req.extensions_dir)
     name = sysext.image_name(build.driver, release)
-    path = sysext.image_path(ext_dir, name, req.sysext_format)
-    with base_modules(req, view, build.kver, log) as base:
-        spec = image_spec(build, release, req.sysext_format, plan, base)
-        key = spec.content_key()
-        have = state["images"].get(name) or {}
-        info = {"name": name, "path": sysext.image_path(req.extensions_dir, name, req.sysext_format),
-                "format": req.sysext_format, "release": release, "kernel_release": build.kver,
-                "driver_version": build.manifest["driver_version"], "content": key,
-                "index": bool(base)}
-        out.before["image"] = {k: have.get(k) for k in ("name", "release", "driver_version", "content")} if have else None
-        out.after["image"] = {k: info[k] for k in ("name", "release", "driver_version", "content")}
-        if have.get("content") == key and os.path.lexists(path):
-            info.update(size=have.get("size"), created=False, seconds=0.0)
-            return info
-        if not base:
-            out.warnings.append(
-                f"no module tree of kernel {build.kver} at hand (set kernel_modules_dir): the image ships no "
-                "module index, so modprobe by name does not see the build; the boot loader loads it by path")
-        if check:
-            out.did(f"would create {info['path']}")
-            info.update(created=True)
-            return info
-        started = time.monotonic()
-        parent = os.path.dirname(ext_dir)
-        os.makedirs(ext_dir, exist_ok=True)
-        for line in sweep_stale(parent, name).lines():
-            log(line)
-        stage = make_staging(os.path.join(parent, name), "sysext", mode=0o755)
-        try:
-            root = os.path.join(stage, "root")
-            os.mkdir(root, 0o755)
-            filled = sysext.populate(root, build.path, build.manifest, spec, base, log)
-            if req.sysext_format == "directory":
-                swap_into_place(root, path)
-            else:
-                raw = os.path.join(stage, "image.raw")
-                sysext.make_image(root, raw, req.sysext_format, log)
-                os.chmod(raw, 0o644)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                os.replace(raw, path)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        # a directory image of another format under the same name would be merged too: remove it
-        for other in ("directory", "squashfs"):
-            other_path = sysext.image_path(ext_dir, name, other)
-            if other_path != path and os.path.lexists(other_path):
-                remove_path(other_path, False)
-        info.update(size=sysext.tree_size(path), created=True, seconds=round(time.monotonic() - started, 3),
-                    index_files=filled["index"], installed_at=time.time())
-        keys = ("name", "path", "format", "release", "kernel_release", "driver_version", "content", "size",
-                "installed_at", "index")
-        state["images"][name] = {k: info[k] for k in keys}
-        out.did(f"created {info['path']} ({info['size']} bytes, VERSION_ID={release})")
+    path_of = {f: sysext.image_path(ext_dir, name, f) for f in sysext.FORMATS}
+    have = state["images"].get(name) or {}
+
+    def key_of(fmt: str) -> str:
+        return image_spec(build, release, fmt, plan).content_key()
+
+    try:
+        choice = image_format.choose(req.sysext_format, existing_format(path_of, have, key_of)
+                                     if req.sysext_format == "auto" else None)
+    except image_format.FormatError as exc:
+        raise InstallError(str(exc)) from None
+    fmt = choice.fmt
+    path = path_of[fmt]
+    spec = image_spec(build, release, fmt, plan)
+    key = spec.content_key()
+    info = {"name": name, "path": sysext.image_path(req.extensions_dir, name, fmt),
+            "format": fmt, "format_reason": choice.reason, "release": release, "kernel_release": build.kver,
+            "driver_version": build.manifest["driver_version"], "content": key,
+            "modprobe_conf": "/" + kmod_sysext.conf_path(spec.kmod_name),
+            "helper": "/" + kmod_sysext.helper_path(spec.kmod_name)}
+    out.before["image"] = {k: have.get(k) for k in ("name", "format", "release", "driver_version", "content")} \
+        if have else None
+    out.after["image"] = {k: info[k] for k in ("name", "format", "release", "driver_version", "content")}
+    if have.get("content") == key and have.get("format") == fmt and os.path.lexists(path):
+        info.update(size=have.get("size"), created=False, seconds=0.0)
         return info
+    if check:
+        out.did(f"would create {info['path']} ({choice.reason})")
+        info.update(created=True)
+        return info
+    started = time.monotonic()
+    parent = os.path.dirname(ext_dir)
+    os.makedirs(ext_dir, exist_ok=True)
+    for line in sweep_stale(parent, name).lines():
+        log(line)
+    sweep_retired(ext_dir, req.host_root, log)
+    merged = os.path.exists(hp(req.host_root, sysext.release_file(name)))
+    stage = make_staging(os.path.join(parent, name), "sysext", mode=0o755)
+    try:
+        root = os.path.join(stage, "root")
+        os.mkdir(root, 0o755)
+        sysext.populate(root, build.path, build.manifest, spec, log)
+        if fmt == "directory":
+            place_directory(ext_dir, req.host_root, root, path, name, merged)
+        else:
+            raw = os.path.join(stage, "image.raw")
+            sysext.make_image(root, raw, fmt, log)
+            os.chmod(raw, 0o644)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            os.replace(raw, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    # an image of another format under the same name would be merged too: remove it (a merged
+    # directory is retired, not deleted)
+    for other in ("directory", "squashfs"):
+        other_path = path_of[other]
+        if other_path != path and os.path.lexists(other_path):
+            if other == "directory" and merged and os.path.isdir(other_path):
+                retire(ext_dir, req.host_root, other_path, name)
+            else:
+                remove_path(other_path, False)
+    info.update(size=sysext.tree_size(path), created=True, seconds=round(time.monotonic() - started, 3),
+                installed_at=time.time())
+    keys = ("name", "path", "format", "release", "kernel_release", "driver_version", "content", "size",
+            "installed_at")
+    state["images"][name] = {k: info[k] for k in keys}
+    out.did(f"created {info['path']} ({info['size']} bytes, VERSION_ID={release}, {choice.reason})")
+    return info
 
 
 def refresh_sysext(req: Request, out: Outcome, check: bool, why: str) -> dict[str, Any]:
@@ -568,8 +622,9 @@ def plan_for(req: Request, build: Build) -> kload.LoadPlan:
 def check_request(req: Request) -> None:
     if req.state not in STATES:
         raise InstallError("state={!r} is not one of {}".format(req.state, ", ".join(STATES)))
-    if req.sysext_format not in sysext.FORMATS:
-        raise InstallError("sysext_format={!r} is not one of {}".format(req.sysext_format, ", ".join(sysext.FORMATS)))
+    if req.sysext_format not in image_format.FORMATS:
+        raise InstallError("sysext_format={!r} is not one of {}".format(
+            req.sysext_format, ", ".join(image_format.FORMATS)))
     check_writable("extensions_dir", req.extensions_dir)
     if int(req.keep) < 1:
         raise InstallError(f"keep={req.keep!r} must be at least 1")
@@ -734,6 +789,8 @@ def remove_all(req: Request, driver: str, out: Outcome, check: bool) -> None:
     out.result.update(driver=driver, removed=removed)
     if any(p.startswith(req.extensions_dir) for p in removed):
         out.result["merge"] = refresh_sysext(req, out, check, "unmerge removed images")
+    if not check:
+        sweep_retired(ext_dir, req.host_root, no_log)
     still = [m for m in kload.loaded_modules(req.host_root) if m.startswith(driver.replace("-", "_"))]
     if still:
         out.warnings.append("still loaded (not unloaded by state=absent): " + ", ".join(still))

@@ -16,9 +16,13 @@ description:
   - With O(method=sysext) the build becomes a systemd-sysext image C(modulus-<driver>-<release>) in
     O(extensions_dir). Its C(usr/lib/extension-release.d/extension-release.<name>) holds C(ID=flatcar) and
     C(VERSION_ID=<release>), so systemd merges it only while the host runs that release. The image carries
-    the modules under C(usr/lib/modules/<kernel>/updates/modulus/<driver>/), a complete module index for
-    that kernel (so C(modprobe <name>) finds them), the tools in C(usr/bin), the libraries in C(usr/lib64)
-    and the firmware in C(usr/lib/firmware).
+      the modules under C(usr/lib/modules/<kernel>/updates/modulus/<driver>/), the tools in C(usr/bin), the
+      libraries in C(usr/lib64) and the firmware in C(usr/lib/firmware).
+  - The image follows Flatcar's convention for extensions with kernel modules, so it never hides the
+    kernel's or another extension's modules (Flatcar's C(zfs), a second driver). It ships no
+    C(usr/lib/modules/<kernel>/modules.*) index. Instead C(usr/lib/modprobe.d/10-modulus-<driver>-kmod-sysext.conf)
+    sends C(modprobe <module>) to C(/usr/libexec/_modulus-<driver>_modprobe_helper), which runs C(depmod) over
+    the merged C(/usr) in a private mount namespace and loads the module with C(modprobe --ignore-install).
   - With O(method=tree) the build is copied to C(/opt/modulus/installed/<driver>/<driver_version>/<kernel>)
     and C(/opt/drivers/<driver>) (the original modulus layout) is switched to it atomically;
     C(/etc/ld.so.conf.d/<driver>.conf) is written and C(ldconfig) runs.
@@ -138,24 +142,20 @@ options:
     default: /var/lib/extensions
   sysext_format:
     description:
-      - V(squashfs) makes a compressed C(<name>.raw) image, what Flatcar's own and the sysext-bakery images use;
-        one file, replaced by a rename.
-      - V(erofs) makes a C(<name>.raw) EROFS image (LZ4HC); needs C(mkfs.erofs) on the managed host.
-      - V(directory) places a plain directory extension C(<name>/), for systems that cannot attach loop devices
-        (containers); it is larger on disk.
+      - V(auto) picks what the host can make with nothing added. That is V(erofs) when C(mkfs.erofs) is on PATH,
+        else V(squashfs) when C(mksquashfs) is, else V(directory). Stock stable and LTS Flatcar hosts have
+        neither tool and get a directory extension. An image already in place and up to date keeps its format.
+        C(format_reason) in RV(image) says why a format was picked.
+      - V(erofs) makes a C(<name>.raw) EROFS image (LZ4HC) and needs C(mkfs.erofs) on the managed host.
+      - V(squashfs) makes a compressed C(<name>.raw) image and needs C(mksquashfs) on the managed host.
+      - V(directory) places a plain directory extension C(<name>/). It needs no tool and also merges where
+        no loop device can be attached (containers), and it is larger on disk.
     type: str
-    choices: [squashfs, erofs, directory]
-    default: squashfs
-  kernel_modules_dir:
-    description:
-      - The release kernel's own C(lib/modules/<kernel_release>) directory, used to build the image's complete
-        module index.
-      - Defaults to C(/usr/lib/modules/<kernel>) for the running kernel and the not-booted USR partition
-        (mounted read-only) for the pending one. Without one, the image ships no index and the boot loader
-        loads the modules by path.
-    type: path
+    choices: [auto, erofs, squashfs, directory]
+    default: auto
 notes:
-  - Needs root on the host. Making images needs C(mksquashfs) (or C(mkfs.erofs)) and C(depmod).
+  - Needs root on the host. O(sysext_format=erofs) and O(sysext_format=squashfs) need their tool on the host;
+    V(auto) and V(directory) need none.
   - Loading only happens with O(host_root=/), on the kernel the build was made for.
   - Rollback is O(state=present) with the older build's O(src); the last O(keep) images or copies stay on the host.
 seealso:
@@ -229,12 +229,14 @@ identity:
 image:
   description:
     - The sysext image, with C(name), C(path) (as seen on the host), C(format), C(release), C(kernel_release),
-      C(driver_version), C(content) (the content key), C(index) (whether a module index is shipped),
-      C(created), C(size) (bytes) and C(seconds) (time to make it).
+      C(driver_version), C(content) (the content key), C(format_reason) (why that format), C(modprobe_conf)
+      and C(helper) (the modprobe.d file and the helper in the image), C(created), C(size) (bytes) and
+      C(seconds) (time to make it).
   returned: with method sysext
   type: dict
-  sample: {"name": "modulus-nvidia-4459.2.2", "path": "/var/lib/extensions/modulus-nvidia-4459.2.2.raw",
-           "format": "squashfs", "release": "4459.2.2", "created": true, "index": true, "size": 41943040}
+  sample: {"name": "modulus-nvidia-4459.2.2", "path": "/var/lib/extensions/modulus-nvidia-4459.2.2",
+           "format": "directory", "format_reason": "auto: neither mkfs.erofs nor mksquashfs is on the host",
+           "release": "4459.2.2", "created": true, "size": 134217728}
 tree:
   description: The installed copy (C(path), C(driver_version), C(kernel_release), C(content)) and, when switched, C(link) and C(target).
   returned: with method tree
@@ -308,7 +310,7 @@ def request_from(p: dict) -> install.Request:
         module_parameters=p["module_parameters"], modules=p["modules"], prerequisites=p["prerequisites"],
         device_nodes=p["device_nodes"], persistenced=p["persistenced"],
         verify_command=p["verify_command"], keep=p["keep"], extensions_dir=p["extensions_dir"],
-        sysext_format=p["sysext_format"], kernel_modules_dir=p["kernel_modules_dir"],
+        sysext_format=p["sysext_format"],
         update_engine_client=fr.command_argv("update_engine_client", p["update_engine_client"]))
 
 
@@ -331,8 +333,7 @@ def main() -> None:
             verify_command=dict(type="raw"),
             keep=dict(type="int", default=3),
             extensions_dir=dict(type="path", default="/var/lib/extensions"),
-            sysext_format=dict(type="str", default="squashfs", choices=["squashfs", "erofs", "directory"]),
-            kernel_modules_dir=dict(type="path"),
+            sysext_format=dict(type="str", default="auto", choices=["auto", "erofs", "squashfs", "directory"]),
         ),
         required_one_of=[("src", "identity")],
         supports_check_mode=True,

@@ -92,7 +92,7 @@ def test_present_sysext_squashfs_check_diff_idempotent(kit: Kit, host_root_facto
     cur = kit.releases["current"]
     root = host_root_factory(update="need_reboot")
     before = files_of(root)
-    args = {"src": str(hello["current"]), "host_root": str(root)}
+    args = {"src": str(hello["current"]), "host_root": str(root), "sysext_format": "squashfs"}
     res, text = install(args, check=True, diff=True, host_tools=MACHINE_PATH)
     assert res["changed"] is True and not res["failed"], text
     assert res["method"] == "sysext" and res["release"] == cur.version
@@ -107,9 +107,11 @@ def test_present_sysext_squashfs_check_diff_idempotent(kit: Kit, host_root_facto
     assert "usr/lib/extension-release.d/extension-release.modulus-modulus-hello-9001.1.0" in listing
     assert res["merge"]["refreshed"] is False and "host_root" in res["merge"]["reason"]
     assert (root / f"opt/modulus/bin/modulus-load-{DRIVER}").is_file()
-    # the kit's running kernel tree is empty: no index, said so
-    assert res["image"]["index"] is False
-    assert "no module index" in text
+    # Flatcar's kmod convention: no index of the kernel, the install/remove lines and the helper
+    assert f"usr/lib/modules/{cur.kernel}/modules." not in listing
+    assert f"usr/lib/modprobe.d/10-modulus-{DRIVER}-kmod-sysext.conf" in listing
+    assert f"usr/libexec/_modulus-{DRIVER}_modprobe_helper" in listing
+    assert "warning" not in text.lower(), text
     # only /etc, /opt and /var written
     new = [p for p in files_of(root) if p not in before]
     assert new and {p.split("/")[0] for p in new} <= {"etc", "opt", "var"}, new
@@ -119,38 +121,60 @@ def test_present_sysext_squashfs_check_diff_idempotent(kit: Kit, host_root_facto
     assert files_of(root) == again
 
 
-def test_staged_pending_ships_a_complete_index(kit: Kit, host_root_factory, hello, tmp_path: Path) -> None:
-    """The pending kernel's own module tree comes from the not-booted USR partition (mounted
-    read-only); with a real kernel tree (Debian's, as QEMU boots it) the index keeps every base
-    module reachable and adds the build's."""
+def test_staged_pending_ships_modprobe_lines_not_an_index(kit: Kit, host_root_factory, hello, tmp_path: Path) -> None:
+    """The pending release's image ships no module index; merged over Debian's real module tree of
+    that kernel, modprobe sends the build's module to the image's helper and the kernel's own
+    modules still resolve from the kernel's untouched index."""
     from sim.qemu import kernel_dir
 
     pend = kit.releases["pending"]
     root = host_root_factory(update="need_reboot")
-    res, text = install({"src": str(hello["pending"]), "host_root": str(root), "state": "staged"},
-                        host_tools=MACHINE_PATH)
+    args = {"src": str(hello["pending"]), "host_root": str(root), "state": "staged", "sysext_format": "squashfs"}
+    res, text = install(args, host_tools=MACHINE_PATH)
     assert res["changed"] is True and not res["failed"], text
-    assert res["release"] == pend.version and res["image"]["index"] is True, text
+    assert res["release"] == pend.version and res["image"]["format_reason"] == "sysext_format=squashfs", text
     assert "merged when the host boots release 9001.2.0" in res["merge"]["reason"]
-    # check mode reads the USR partition too, so it sees the image is up to date
-    res, text = install({"src": str(hello["pending"]), "host_root": str(root), "state": "staged"}, check=True,
-                        host_tools=MACHINE_PATH)
+    res, text = install(args, check=True, host_tools=MACHINE_PATH)
     assert res["changed"] is False, text
     tree = unsquash(root / "var/lib/extensions/modulus-modulus-hello-9001.2.0.raw", tmp_path / "x")
-    dep = (tree / f"usr/lib/modules/{pend.kernel}/modules.dep").read_text()
-    assert f"updates/modulus/{DRIVER}/modulus_hello.ko:" in dep
-    # again with Debian's real module tree of that kernel as the base
-    kmods = kernel_dir(pend.kernel) / "lib" / "modules" / pend.kernel
-    res, text = install({"src": str(hello["pending"]), "host_root": str(root), "state": "staged",
-                         "kernel_modules_dir": str(kmods)}, host_tools=MACHINE_PATH)
-    assert res["changed"] is True and res["image"]["created"], text
-    tree = unsquash(root / "var/lib/extensions/modulus-modulus-hello-9001.2.0.raw", tmp_path / "y")
-    base = tree / "usr"  # modprobe -d wants the directory holding lib/modules
-    for name, where in (("modulus_hello", f"updates/modulus/{DRIVER}/modulus_hello.ko"),
-                        ("drm_kms_helper", "kernel/drivers/gpu/drm/drm_kms_helper.ko")):
-        show = subprocess.run(["modprobe", "-d", str(base), "-S", pend.kernel, "--show-depends", name],
-                              capture_output=True, text=True, check=False)
-        assert show.returncode == 0 and where in show.stdout, (name, show.stdout, show.stderr)
+    assert [p.name for p in (tree / f"usr/lib/modules/{pend.kernel}").iterdir()] == ["updates"]
+    # /usr as merged: the kernel's tree (its own modules.dep) with the image on top
+    merged = tmp_path / "merged"
+    shutil.copytree(kernel_dir(pend.kernel) / "lib", merged / "lib", symlinks=True)
+    shutil.copytree(tree / "usr/lib", merged / "lib", symlinks=True, dirs_exist_ok=True)
+    conf = merged / f"lib/modprobe.d/10-modulus-{DRIVER}-kmod-sysext.conf"
+    helper = f"/usr/libexec/_modulus-{DRIVER}_modprobe_helper"
+    for name, want in (("modulus_hello", f"install {helper} modulus_hello"),
+                       ("modulus-hello", f"install {helper} modulus_hello"),
+                       ("drm_kms_helper", "kernel/drivers/gpu/drm/drm_kms_helper.ko")):
+        show = subprocess.run(["modprobe", "-d", str(merged), "-S", pend.kernel, "-C", str(conf), "--show-depends",
+                               name], capture_output=True, text=True, check=False)
+        assert show.returncode == 0 and want in show.stdout, (name, show.stdout, show.stderr)
+
+
+def test_stock_host_without_image_tools_installs_and_stages(kit: Kit, host_root_factory, hello) -> None:
+    """sysext_format=auto (the default) on a host with no image tool: directory extensions for the
+    running and the pending release, and a second run changes nothing; squashfs asked for fails clearly."""
+    cur, pend = kit.releases["current"], kit.releases["pending"]
+    root = host_root_factory(update="need_reboot")  # install() runs with a stock stable host's PATH
+    runs = [{"src": str(hello["current"]), "host_root": str(root)},
+            {"src": str(hello["pending"]), "host_root": str(root), "state": "staged"}]
+    for args, rel in zip(runs, (cur, pend)):
+        res, text = install(args)
+        assert res["changed"] and not res["failed"], text
+        img = res["image"]
+        assert img["format"] == "directory" and "neither mkfs.erofs nor mksquashfs" in img["format_reason"], img
+        path = root / f"var/lib/extensions/modulus-{DRIVER}-{rel.version}"
+        assert path.is_dir() and (path / f"usr/lib/modules/{rel.kernel}/updates/modulus/{DRIVER}/modulus_hello.ko").is_file()
+        assert os.access(path / f"usr/libexec/_modulus-{DRIVER}_modprobe_helper", os.X_OK)
+    again = files_of(root)
+    for args in runs:
+        res, text = install(args)
+        assert res["changed"] is False and res["actions"] == [], text
+    assert files_of(root) == again
+    res, text = install(dict(runs[0], sysext_format="squashfs"))
+    assert res["failed"] and "sysext_format=squashfs needs mksquashfs (squashfs-tools)" in res["msg"], text
+    assert files_of(root) == again
 
 
 def test_loaded_generic_returns_the_plan(kit: Kit, host_root_factory, hello) -> None:

@@ -161,7 +161,8 @@ def _probe_files(merged: Path, probe: str) -> None:
 
 def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, Path] | None = None,
          probe: str = "true", timeout: float = 180.0, workdir: str | os.PathLike[str] | None = None,
-         copy_in: dict[str, Path] | None = None, copy_root: bool = False) -> BootResult:
+         copy_in: dict[str, Path] | None = None, copy_root: bool = False,
+         out_dir: Path | None = None) -> BootResult:
     """Boot the root once on a fresh overlay with ``os_release`` as its ``/etc/os-release`` and
     ``/usr/lib/os-release``, the directory ``extensions`` (name -> directory) in
     ``/var/lib/extensions``, and ``probe`` run after systemd-sysext; returns when it powered off.
@@ -169,14 +170,15 @@ def boot(root: BootedRoot, *, os_release: dict[str, str], extensions: dict[str, 
     first: e.g. a kit kernel's module tree at ``/usr/lib/modules/<kver>`` (the Debian root has none).
     ``copy_root``: boot a copy of the root (``cp -a``, a few seconds) instead of an overlay on it, so
     ``/usr`` is no overlay before systemd-sysext's: the kernel stacks at most two overlays, and
-    Flatcar's kmod helper mounts one more on the merged ``/usr/lib/modules/<kver>``."""
+    Flatcar's kmod helper mounts one more on the merged ``/usr/lib/modules/<kver>``. ``out_dir`` (the
+    container's ``/out``) keeps what the probe wrote there; by default it is a temporary directory."""
     from ansible_collections.modulus.kmods.plugins.module_utils.mounts import MountStack
 
     nspawn = shutil.which("systemd-nspawn") or "/usr/bin/systemd-nspawn"
     with tempfile.TemporaryDirectory(prefix="booted-", dir=workdir) as td, MountStack() as stack:
         work = Path(td)
-        out = work / "out"
-        out.mkdir()
+        out = Path(out_dir) if out_dir is not None else work / "out"
+        out.mkdir(parents=True, exist_ok=True)
         ovl = work / "ovl"
         ovl.mkdir()
         if copy_root:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,11 @@ def test_sysext_present_idempotent_and_check_mode(tmp_path: Path) -> None:
     img = root / f"var/lib/extensions/modulus-modulus-hello-{R1}"
     rel = (img / f"usr/lib/extension-release.d/extension-release.modulus-modulus-hello-{R1}").read_text()
     assert f"VERSION_ID={R1}" in rel and (img / f"usr/lib/modules/{K1}/updates/modulus/modulus-hello/modulus_hello.ko").is_file()
-    assert out.result["image"]["index"] is False and any("no module index" in w for w in out.warnings)
+    assert not out.warnings, out.warnings
+    assert not list((img / f"usr/lib/modules/{K1}").glob("modules.*"))
+    assert (img / "usr/lib/modprobe.d/10-modulus-modulus-hello-kmod-sysext.conf").read_text().startswith(
+        "install modulus_hello /usr/libexec/_modulus-modulus-hello_modprobe_helper modulus_hello\n")
+    assert os.access(img / "usr/libexec/_modulus-modulus-hello_modprobe_helper", os.X_OK)
     script = root / "opt/modulus/bin/modulus-load-modulus-hello"
     assert script.stat().st_mode & 0o111 and "insmod" in script.read_text()
     assert (root / "etc/systemd/system/multi-user.target.wants/modulus-load-modulus-hello.service").is_symlink()
@@ -190,3 +195,80 @@ def test_other_build_in_use_is_not_switched(tmp_path: Path) -> None:
     assert "takes over at the next boot" in out.result["load"]["reason"]
     out = install.run(req(root, new, state="present"))  # sysext: no refresh either
     assert "in use" in out.result["merge"]["reason"]
+
+
+def merge_into_usr(root: Path, image: Path) -> None:
+    """What systemd-sysext shows once the directory image is merged: its usr/ over the host's usr/."""
+    shutil.copytree(image / "usr", root / "usr", dirs_exist_ok=True, symlinks=True)
+
+
+def test_second_run_on_a_merged_usr_changes_nothing(tmp_path: Path) -> None:
+    root, src = host(tmp_path), build(tmp_path)
+    kdir = root / f"usr/lib/modules/{K1}"
+    kdir.mkdir(parents=True, exist_ok=True)
+    (kdir / "modules.dep").write_text("kernel/drivers/x.ko:\n")
+    out = install.run(req(root, src))
+    assert out.changed and out.result["image"]["created"]
+    key = out.result["image"]["content"]
+    merge_into_usr(root, root / f"var/lib/extensions/modulus-modulus-hello-{R1}")
+    (kdir / "modules.dep").write_text("kernel/drivers/x.ko:\nupdates/modulus/modulus-hello/modulus_hello.ko:\n")
+    again = snapshot(root)
+    out = install.run(req(root, src))
+    assert not out.changed, out.actions
+    assert out.result["image"]["content"] == key and out.result["image"]["created"] is False
+    assert snapshot(root) == again
+
+
+def strict_path(tmp_path: Path, tools: tuple[str, ...]) -> str:
+    """A PATH holding only ``tools`` (symlinks), like a stock host's."""
+    d = tmp_path / "strict-bin"
+    d.mkdir(exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        if found and not (d / tool).exists():
+            (d / tool).symlink_to(found)
+    return str(d)
+
+
+def test_auto_format_follows_the_tools_and_never_flips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not shutil.which("mksquashfs"):
+        pytest.skip("mksquashfs is not installed (scripts/install-system-deps.sh installs it)")
+    root, src = host(tmp_path), build(tmp_path)
+    monkeypatch.setenv("PATH", strict_path(tmp_path, ("sh",)))
+    out = install.run(req(root, src, sysext_format="auto"))
+    img = out.result["image"]
+    assert img["format"] == "directory" and "neither mkfs.erofs nor mksquashfs" in img["format_reason"]
+    with pytest.raises(install.InstallError, match="sysext_format=squashfs needs mksquashfs"):
+        install.run(req(root, src, sysext_format="squashfs"))
+    # the tool appears: the image in place is up to date and keeps its format
+    monkeypatch.setenv("PATH", strict_path(tmp_path, ("sh", "mksquashfs")))
+    out = install.run(req(root, src, sysext_format="auto"))
+    assert not out.changed and out.result["image"]["format"] == "directory", out.actions
+    assert "in place" in out.result["image"]["format_reason"]
+    # a new build is made in the format the host can make now; the directory goes
+    src2 = build(tmp_path, version="1.1", name="b2")
+    out = install.run(req(root, src2, sysext_format="auto"))
+    assert out.result["image"]["format"] == "squashfs" and out.result["image"]["created"], out.result["image"]
+    ext = root / "var/lib/extensions"
+    assert sorted(p.name for p in ext.iterdir()) == [f"modulus-modulus-hello-{R1}.raw"]
+    out = install.run(req(root, src2, sysext_format="auto"))
+    assert not out.changed, out.actions
+
+
+def test_replacing_a_merged_directory_image_keeps_the_old_one_until_reboot(tmp_path: Path) -> None:
+    root, src = host(tmp_path), build(tmp_path)
+    (root / "proc/sys/kernel/random").mkdir(parents=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text("boot-1\n")
+    install.run(req(root, src))
+    image = root / f"var/lib/extensions/modulus-modulus-hello-{R1}"
+    merge_into_usr(root, image)
+    inode = image.stat().st_ino
+    install.run(req(root, build(tmp_path, version="1.1", name="b2")))
+    retired = list((root / "var/lib/.modulus-retired-images").iterdir())
+    assert len(retired) == 1 and retired[0].name.endswith(".boot-1") and retired[0].stat().st_ino == inode
+    assert image.stat().st_ino != inode and "MODULUS_DRIVER_VERSION=1.1" in (
+        image / f"usr/lib/extension-release.d/extension-release.modulus-modulus-hello-{R1}").read_text()
+    (root / "proc/sys/kernel/random/boot_id").write_text("boot-2\n")
+    install.run(req(root, build(tmp_path, version="1.2", name="b3")))
+    left = [p.name for p in (root / "var/lib/.modulus-retired-images").iterdir()]
+    assert len(left) == 1 and left[0].endswith(".boot-2"), left  # boot-1's is gone, 1.1 retired in boot 2

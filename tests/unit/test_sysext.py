@@ -34,7 +34,7 @@ def make_build(root: Path, driver: str = "nvidia") -> dict:
 
 def spec(fmt: str = "directory", **kw) -> sysext.ImageSpec:
     args = dict(driver="nvidia", os_id="flatcar", release="9001.2.0", kernel_release=K, board="amd64-usr",
-                manifest_sha256="a" * 64, modules_load="nvidia\n", base_index=None, fmt=fmt)
+                manifest_sha256="a" * 64, modules_load="nvidia\n", modules=["nvidia"], fmt=fmt)
     args.update(kw)
     return sysext.ImageSpec(**args)
 
@@ -81,9 +81,18 @@ def test_layout(tmp_path: Path) -> None:
 def test_content_key_changes_with_what_matters() -> None:
     base = spec().content_key()
     assert spec().content_key() == base
-    for change in ({"release": "9001.3.0"}, {"manifest_sha256": "b" * 64}, {"base_index": "x"},
+    for change in ({"release": "9001.3.0"}, {"manifest_sha256": "b" * 64}, {"modules": ["nvidia", "nvidia_uvm"]},
                    {"fmt": "squashfs"}, {"modules_load": "nvidia\nnvidia_uvm\n"}):
         assert spec(**change).content_key() != base, change
+
+
+def test_content_key_ignores_the_host(tmp_path: Path) -> None:
+    """Nothing of the host goes into the key: it is the same whatever /usr/lib/modules shows (merged or not)."""
+    import inspect
+    fields = set(inspect.signature(sysext.ImageSpec).parameters)
+    assert fields == {"driver", "os_id", "release", "kernel_release", "board", "manifest_sha256", "modules_load",
+                      "modules", "fmt", "extra"}
+    assert spec(modules=["b", "a"]).content_key() == spec(modules=["a", "b"]).content_key()
 
 
 def test_populate_directory(tmp_path: Path) -> None:
@@ -92,7 +101,8 @@ def test_populate_directory(tmp_path: Path) -> None:
     root.mkdir()
     s = spec()
     res = sysext.populate(str(root), str(tmp_path / "b"), m, s)
-    assert res == {"files": 5, "index": []}
+    assert res == {"files": 5, "modprobe_conf": "/usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf",
+                   "helper": "/usr/libexec/_modulus-nvidia_modprobe_helper"}
     rel = root / "usr/lib/extension-release.d/extension-release.modulus-nvidia-9001.2.0"
     assert sysext.read_extension_release(str(root), s.name)["VERSION_ID"] == "9001.2.0" and rel.is_file()
     assert (root / "usr/lib/modules-load.d/modulus-nvidia.conf").read_text() == "nvidia\n"
@@ -101,6 +111,43 @@ def test_populate_directory(tmp_path: Path) -> None:
     assert (root / "usr/bin/nvidia-smi").stat().st_mode & 0o777 == 0o755
     assert not (root / "build.log").exists() and not list(root.rglob("build.log"))
     assert sysext.tree_size(str(root)) > 0
+    # Flatcar's kmod convention: no index of the kernel, install/remove lines, the helper
+    kdir = root / f"usr/lib/modules/{K}"
+    assert sorted(p.name for p in kdir.iterdir()) == ["updates"]
+    assert not list(root.rglob("modules.*"))
+    assert (root / "usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf").read_text() == (
+        "install nvidia /usr/libexec/_modulus-nvidia_modprobe_helper nvidia\n"
+        "remove nvidia /usr/libexec/_modulus-nvidia_modprobe_helper -r nvidia\n")
+    helper = root / "usr/libexec/_modulus-nvidia_modprobe_helper"
+    assert helper.stat().st_mode & 0o777 == 0o755
+    text = helper.read_text()
+    assert text.startswith("#!/bin/bash\n") and "unshare -m bash -s" in text and "modprobe --ignore-install" in text
+    assert subprocess.run(["bash", "-n", str(helper)], check=False).returncode == 0
+
+
+def test_modprobe_conf_one_line_pair_per_module() -> None:
+    from ansible_collections.modulus.kmods.plugins.module_utils._install import kmod_sysext
+    text = kmod_sysext.conf_text("modulus-nvidia", ["nvidia_uvm", "nvidia", "nvidia_modeset", "nvidia"])
+    assert text.splitlines() == [
+        f"{verb} {m} /usr/libexec/_modulus-nvidia_modprobe_helper {'-r ' if verb == 'remove' else ''}{m}"
+        for m in ("nvidia", "nvidia_modeset", "nvidia_uvm") for verb in ("install", "remove")]
+    with pytest.raises(ValueError, match="not a kernel module name"):
+        kmod_sysext.conf_text("modulus-nvidia", ["nvidia; rm -rf /"])
+    with pytest.raises(ValueError):
+        kmod_sysext.helper_path("../x")
+
+
+def test_populate_many_modules(tmp_path: Path) -> None:
+    m = make_build(tmp_path / "b")
+    (tmp_path / f"b/lib/modules/{K}/nvidia-modeset.ko").write_bytes(b"\x7fELF")
+    m["files"] = list_files(str(tmp_path / "b"))
+    m["modules"].append({"name": "nvidia-modeset", "file": f"lib/modules/{K}/nvidia-modeset.ko", "depends": ["nvidia"]})
+    root = tmp_path / "img"
+    root.mkdir()
+    sysext.populate(str(root), str(tmp_path / "b"), m, spec(modules=["nvidia", "nvidia_modeset"]))
+    conf = (root / "usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf").read_text()
+    assert "install nvidia_modeset /usr/libexec/_modulus-nvidia_modprobe_helper nvidia_modeset\n" in conf
+    assert (root / f"usr/lib/modules/{K}/updates/modulus/nvidia/nvidia-modeset.ko").is_file()
 
 
 @pytest.mark.parametrize("fmt,tool", [("squashfs", "mksquashfs"), ("erofs", "mkfs.erofs")])
@@ -125,3 +172,12 @@ def test_list_images(tmp_path: Path) -> None:
         (tmp_path / name).mkdir() if "." not in name[-4:] else (tmp_path / name).write_text("")
     found = sysext.list_images(str(tmp_path), "nvidia")
     assert sorted(found) == ["modulus-nvidia-9001.1.0", "modulus-nvidia-9001.2.0", "modulus-nvidia-open-1"]
+
+
+def test_helper_is_flatcars_line_for_line() -> None:
+    """The helper is the one Flatcar's sysext_mangle_kmod installs, but for its comment header."""
+    from ansible_collections.modulus.kmods.plugins.module_utils._install import kmod_sysext
+    source = (Path(__file__).resolve().parents[1] / "fixtures/flatcar/sysext_mangle_kmod").read_text()
+    flatcar = source.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0].splitlines()
+    ours = [line for line in kmod_sysext.helper_text("modulus-nvidia").splitlines() if not line.startswith("# ")]
+    assert ours == flatcar
