@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "build" / "collections"), str(ROOT / "tests")]
 
-from sim.stack import HELLO_DRIVER, UNTIL_IMAGE_FIX, Fleet, nvidia_driver  # noqa: E402
+from sim.stack import HELLO_DRIVER, Fleet, nvidia_driver  # noqa: E402
 
 IMAGE = "flatcar_developer_container.bin"
 
@@ -92,7 +92,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     driver = nvidia_driver() if args.driver == "nvidia" else dict(HELLO_DRIVER)
     ok = True
-    with Fleet(work / "one", ["cold", "warm"], drivers=[driver], **UNTIL_IMAGE_FIX) as fleet:
+    with Fleet(work / "one", ["cold", "warm"], drivers=[driver]) as fleet:
         if fleet.moto is None:
             print("bench_role: note: a shared S3 endpoint ($MODULUS_TEST_S3_ENDPOINT) hides store byte counts; unset it")
         cold = run(fleet, "cold")
@@ -115,7 +115,7 @@ def main() -> int:
           f"changed={noop['changed']} (goal < 15 s, 0 bytes, nothing changed): {'met' if goal else 'NOT met'}")
 
     hosts = [f"gpu{i}" for i in range(1, 5)]
-    with Fleet(work / "four", hosts, drivers=[dict(HELLO_DRIVER)], **UNTIL_IMAGE_FIX) as fleet:
+    with Fleet(work / "four", hosts, drivers=[dict(HELLO_DRIVER)]) as fleet:
         four = run(fleet, ":".join(hosts))
     built: dict[tuple, int] = {}
     for bs in four["builds"].values():

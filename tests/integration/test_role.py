@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sim.nvidia import build_cache, keep_archive, seed_archive
-from sim.stack import HELLO_DRIVER, UNTIL_IMAGE_FIX, Fleet, nvidia_driver
+from sim.stack import HELLO_DRIVER, Fleet, nvidia_driver
 
 IMAGE = "flatcar_developer_container.bin.bz2"
 ARCHIVE = "opt/modulus/archive"
@@ -46,8 +46,7 @@ def image_gets(fleet: Fleet) -> list[str]:
 
 
 def test_two_hosts_one_store_first_builds_second_pulls(tmp_path: Path) -> None:
-    with Fleet(tmp_path, ["host1", "host2"], drivers=[dict(HELLO_DRIVER), nvidia_driver()],
-               **UNTIL_IMAGE_FIX) as fleet:
+    with Fleet(tmp_path, ["host1", "host2"], drivers=[dict(HELLO_DRIVER), nvidia_driver()]) as fleet:
         cur, pend = fleet.kit.releases["current"], fleet.kit.releases["pending"]
         cache = build_cache(fleet.kit.recipe_hash)
         archive1 = fleet.host_root("host1") / ARCHIVE
@@ -106,8 +105,7 @@ def test_a_failed_push_is_made_by_the_next_run(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
     key = tmp_path / "fleet-key"
-    with Fleet(tmp_path / "fleet", ["host1"], update="idle", **UNTIL_IMAGE_FIX,
-               extra_vars={"modulus_store": f"file://{store}", "modulus_signing_key": str(key)}) as fleet:
+    with Fleet(tmp_path / "fleet", ["host1"], update="idle", extra_vars={"modulus_store": f"file://{store}", "modulus_signing_key": str(key)}) as fleet:
         # the fleet signing key is not deployed yet: the push fails after the compile
         proc = site(fleet, "host1")
         assert proc.returncode != 0 and "Push the build to the fleet store" in proc.stdout, proc.stdout[-5000:]
@@ -127,7 +125,7 @@ def test_a_failed_push_is_made_by_the_next_run(tmp_path: Path) -> None:
 
 
 def test_check_mode_runs_the_whole_chain_and_touches_nothing(tmp_path: Path) -> None:
-    with Fleet(tmp_path, ["host1"], drivers=[dict(HELLO_DRIVER), nvidia_driver()], **UNTIL_IMAGE_FIX) as fleet:
+    with Fleet(tmp_path, ["host1"], drivers=[dict(HELLO_DRIVER), nvidia_driver()]) as fleet:
         root = fleet.host_root("host1")
         before = files(root)
         fleet.server.reset()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from sim.kit import KitError
-from sim.stack import UNTIL_IMAGE_FIX, Fleet, nvidia_driver
+from sim.stack import Fleet, nvidia_driver
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["gpu-node-1", "gpu-node-2"]
@@ -81,8 +81,7 @@ def main() -> int:
     try:
         print("demo: preparing the simulation (kit, NVIDIA sources) ...", flush=True)
         drivers = [nvidia_driver()]
-        fleet = Fleet(work, HOSTS, drivers=drivers, **UNTIL_IMAGE_FIX,
-                      extra_vars={"modulus_signing_key": str(key), "modulus_trusted_keys": [pub]})
+        fleet = Fleet(work, HOSTS, drivers=drivers,        extra_vars={"modulus_signing_key": str(key), "modulus_trusted_keys": [pub]})
         fleet.__enter__()
     except (KitError, RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         print(f"demo: the simulation could not be brought up: {exc}", file=sys.stderr)

@@ -58,14 +58,6 @@ def nvidia_driver() -> dict[str, Any]:
     return {"name": "nvidia", "version": run.version, "source": str(run.path), "checksum": f"sha256:{run.sha256}"}
 
 
-# The role's default image format (squashfs) needs mksquashfs, which no stock Flatcar host has
-# (sim.hosttools). Until the collection makes its images another way, role runs that install opt in
-# to a newer Flatcar host (mkfs.erofs, sim.hosttools "main") that makes erofs images:
-# ``Fleet(..., **UNTIL_IMAGE_FIX)``, ``python -m sim.stack up --host-tools main`` with
-# ``modulus_sysext_format: erofs``. Without it a fleet is a stock stable host.
-UNTIL_IMAGE_FIX: dict[str, Any] = {"host_tools": "main", "image_format": "erofs"}
-
-
 class Fleet:
     """Everything a role run needs, started in ``start()`` and released in ``stop()``."""
 
