@@ -67,7 +67,13 @@ lint: $(VENV)/.installed collection
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production
 
-test: lint sanity units integration molecule
+# Each part in turn, with its wall time (stops at the first that fails).
+TEST_PARTS := lint sanity units integration molecule
+test:
+	@for part in $(TEST_PARTS); do \
+	  start=$$(date +%s); $(MAKE) --no-print-directory $$part || { echo "make test: $$part failed after $$(( $$(date +%s) - start )) s" >&2; exit 1; }; \
+	  echo "make test: $$part passed in $$(( $$(date +%s) - start )) s"; \
+	done
 
 # The role end to end under Molecule (extensions/molecule), against the simulated fleet (tests/sim/stack.py):
 # "default" (one host: converge, idempotence, verify) and "fleet" (four hosts, one store, one compile).
