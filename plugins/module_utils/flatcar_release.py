@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ansible_collections.modulus.kmods.plugins.module_utils import imageinfo, mounts
+from ansible_collections.modulus.kmods.plugins.module_utils import fsutil, imageinfo, mounts
 from ansible_collections.modulus.kmods.plugins.module_utils._host import usrfs
 from ansible_collections.modulus.kmods.plugins.module_utils.common import (
     LogFn,
@@ -118,12 +118,7 @@ def check_version(option: str, value: str) -> str:
     return check_os_version(option, value)
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
+_read = fsutil.read_text
 
 
 def parse_release(values: dict[str, str], source: str) -> HostRelease:

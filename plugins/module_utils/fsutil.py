@@ -559,6 +559,15 @@ def _extract_members(tar: tarfile.TarFile, target: str, root: str, keep_mtime: b
     return written
 
 
+def read_text(path: str) -> Optional[str]:
+    """The text of a file (undecodable bytes replaced), or None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
 def is_regular(path: str) -> bool:
     """A regular file, not a symlink to one."""
     try:

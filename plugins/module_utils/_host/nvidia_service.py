@@ -24,6 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ansible_collections.modulus.kmods.plugins.module_utils import fsutil
 from ansible_collections.modulus.kmods.plugins.module_utils.flatcar_release import in_root as hp
 from ansible_collections.modulus.kmods.plugins.module_utils.fsutil import switch_symlink
 
@@ -49,12 +50,7 @@ class NvidiaServiceError(Exception):
     """A state modulus refuses to change: the message names the file and the entry."""
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
+_read = fsutil.read_text
 
 
 # --------------------------------------------------------------------------- enabled-sysext.conf
