@@ -28,9 +28,9 @@ DRIVER = "modulus-hello"
 
 
 # A stock Flatcar host has no mksquashfs (tests/sim/hosttools.py: no stable or LTS release ships
-# squashfs-tools). The tests that make a squashfs image on the host (sysext_format squashfs, today's
-# default) run with this machine's PATH until the collection makes its images another way; every
-# other test runs with the PATH of a stock stable host. Only these use it.
+# squashfs-tools). The tests of an explicit sysext_format squashfs (a host that has it) run with this
+# machine's PATH; every other test runs with the PATH of a stock stable host, where the default
+# format (auto) makes directory extensions.
 MACHINE_PATH = None
 
 
@@ -198,19 +198,25 @@ def test_loaded_nvidia_without_gpu_is_clean(kit: Kit, host_root_factory) -> None
     cur = kit.releases["current"]
     src = nvidia_build(cur.kernel)
     root = host_root_factory()
-    res, text = install({"src": str(src), "host_root": str(root), "state": "loaded", "sysext_format": "squashfs"})
+    # the default format on a stock host (no image tools): a directory extension
+    res, text = install({"src": str(src), "host_root": str(root), "state": "loaded"})
     assert not res["failed"], text
+    assert res["image"]["format"] == "directory", res["image"]
     assert res["load"]["loaded"] is False and res["load"]["reason"].startswith("no NVIDIA GPU"), res["load"]
     plan = res["load_plan"]
     assert plan["prerequisites"] == ["ipmi_msghandler", "ipmi_devintf", "i2c_core", "drm", "drm_kms_helper"]
     assert plan["modules"].index("nvidia") < plan["modules"].index("nvidia_modeset") < plan["modules"].index("nvidia_drm")
     assert plan["verify_command"] == ["nvidia-smi"]
     assert "blacklist nouveau" in (root / "etc/modprobe.d/modulus-nvidia.conf").read_text()
-    img = root / "var/lib/extensions/modulus-nvidia-9001.1.0.raw"
-    listing = subprocess.run(["unsquashfs", "-l", str(img)], capture_output=True, text=True, check=True).stdout
+    img = root / "var/lib/extensions/modulus-nvidia-9001.1.0"
     for path in ("usr/bin/nvidia-smi", "usr/lib64/libnvidia-ml.so.1",
-                 f"usr/lib/modules/{cur.kernel}/updates/modulus/nvidia/nvidia.ko"):
-        assert path in listing, path
+                 f"usr/lib/modules/{cur.kernel}/updates/modulus/nvidia/nvidia.ko",
+                 "usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf", "usr/libexec/_modulus-nvidia_modprobe_helper"):
+        assert (img / path).exists(), path
+    # Flatcar's kmod convention: no module index of the kernel in the image
+    assert not list((img / "usr/lib/modules" / cur.kernel).glob("modules.*"))
+    conf = (img / "usr/lib/modprobe.d/10-modulus-nvidia-kmod-sysext.conf").read_text()
+    assert "install nvidia_modeset /usr/libexec/_modulus-nvidia_modprobe_helper nvidia_modeset" in conf, conf
 
 
 def test_keep_and_absent(kit: Kit, host_root_factory, hello) -> None:
